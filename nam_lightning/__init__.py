@@ -1,0 +1,37 @@
+"""nam_lightning: NAM attention, its sparsity penalty and channel pruning for PyTorch Lightning.
+
+The core (attention, injection, sparsity, checkpoints) is plain PyTorch; only
+:class:`NAMCallback` needs Lightning and is imported lazily.
+"""
+
+from typing import Any
+
+from .attention import NAM, NAMChannelAttention, NAMSite, NAMSpatialAttention
+from .checkpoint import load_checkpoint
+from .inject import inject_nam, remove_nam
+from .sparsity import add_l1_subgradient_, l1_penalty, scale_factors, sparsity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NAM",
+    "NAMCallback",
+    "NAMChannelAttention",
+    "NAMSite",
+    "NAMSpatialAttention",
+    "add_l1_subgradient_",
+    "inject_nam",
+    "l1_penalty",
+    "load_checkpoint",
+    "remove_nam",
+    "scale_factors",
+    "sparsity",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "NAMCallback":
+        from .callback import NAMCallback
+
+        return NAMCallback
+    raise AttributeError(f"module 'nam_lightning' has no attribute {name!r}")

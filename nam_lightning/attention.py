@@ -1,0 +1,162 @@
+"""The Normalization-based Attention Module (NAM) as plain PyTorch modules.
+
+Liu et al., "NAM: Normalization-based Attention Module", arXiv:2111.12419.
+
+Channel attention re-uses the scale factors of a BatchNorm as channel importances::
+
+    z = BN(x);  w_c = |gamma_c| / sum_j |gamma_j|;  y = x * sigmoid(w * z)
+
+Spatial attention ("pixel normalisation") does the same with one scale factor per spatial
+position. Both gate their *input* ``x`` and return a tensor of its shape, so they drop in after
+any layer that produces ``(N, C, H, W)`` feature maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _normalised_abs(scale: torch.Tensor) -> torch.Tensor:
+    """``|scale| / sum |scale|``, with the all-zero case mapped to zeros instead of NaN."""
+    magnitude = scale.abs()
+    # A heavy L1 penalty can drive every scale factor to exactly zero; dividing by the
+    # smallest normal float then yields 0 (a neutral 0.5 gate), never 0/0.
+    return magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)
+
+
+class NAMChannelAttention(nn.Module):
+    """NAM channel attention: ``x * sigmoid(w * BN(x))`` with ``w = |gamma| / sum |gamma|``.
+
+    The channel count is only used to build the BatchNorm; the forward pass derives every shape
+    from the tensors, so the module keeps working after channel pruning shrinks its BatchNorm.
+
+    Args:
+        channels: number of input channels ``C``.
+        detach_weights: compute ``w`` from ``gamma`` without gradient, as the reference code
+            does (``gamma`` then learns only through the BatchNorm's affine step). ``False``
+            makes ``w`` differentiable too.
+        eps: the BatchNorm's ``eps``.
+
+    Example:
+        >>> nam = NAMChannelAttention(8)
+        >>> nam(torch.randn(2, 8, 5, 7)).shape
+        torch.Size([2, 8, 5, 7])
+    """
+
+    def __init__(self, channels: int, *, detach_weights: bool = True, eps: float = 1e-5) -> None:
+        super().__init__()
+        _check_positive_int("channels", channels)
+        self.detach_weights = detach_weights
+        self.bn = nn.BatchNorm2d(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
+        z = self.bn(x)
+        gamma = self.bn.weight.detach() if self.detach_weights else self.bn.weight
+        w = _normalised_abs(gamma).to(z.dtype)  # (C,)
+        return x * torch.sigmoid(z * w.view(1, -1, 1, 1))
+
+
+class NAMSpatialAttention(nn.Module):
+    """NAM spatial attention: one scale factor ``lambda`` per position of an ``H x W`` map.
+
+    A BatchNorm over the ``H * W`` positions normalises each position over batch and channels;
+    ``W_lambda = |lambda| / sum |lambda|`` and ``y = x * sigmoid(W_lambda * BN_pixel(x))``.
+
+    Args:
+        size: ``(H, W)`` of the feature maps this module will see (``H != W`` is fine). The
+            scale factors belong to positions, so any other resolution is rejected.
+        detach_weights: as in :class:`NAMChannelAttention`.
+        eps: the BatchNorm's ``eps``.
+
+    Example:
+        >>> nam = NAMSpatialAttention((4, 6))
+        >>> nam(torch.randn(2, 3, 4, 6)).shape
+        torch.Size([2, 3, 4, 6])
+    """
+
+    def __init__(
+        self, size: tuple[int, int], *, detach_weights: bool = True, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        if not (isinstance(size, (tuple, list)) and len(size) == 2):
+            raise ValueError(f"`size` must be a pair (H, W) of positive ints, got {size!r}")
+        _check_positive_int("size[0]", size[0])
+        _check_positive_int("size[1]", size[1])
+        self.size = (int(size[0]), int(size[1]))
+        self.detach_weights = detach_weights
+        self.bn = nn.BatchNorm1d(self.size[0] * self.size[1], eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
+        n, c, h, w = x.shape
+        if (h, w) != self.size:
+            raise ValueError(
+                f"NAMSpatialAttention was built for {self.size[0]}x{self.size[1]} feature maps "
+                f"but got {h}x{w}: its scale factors belong to positions, so the input "
+                "resolution must stay the one the model was built with. Inject NAM again at "
+                "the new resolution, or use channel attention only (spatial=False)."
+            )
+        z = self.bn(x.reshape(n * c, h * w))  # each position normalised over N x C
+        lam = self.bn.weight.detach() if self.detach_weights else self.bn.weight
+        gate = torch.sigmoid(z * _normalised_abs(lam).to(z.dtype))  # (N*C, H*W)
+        return x * gate.view(n, c, h, w)
+
+
+class NAM(nn.Module):
+    """NAM: channel attention, then spatial attention when ``spatial_size`` is given.
+
+    Args:
+        channels: number of input channels.
+        spatial_size: ``(H, W)`` of the input feature maps to add spatial attention; ``None``
+            (the default) for channel attention only.
+        detach_weights: see :class:`NAMChannelAttention`.
+        eps: the BatchNorms' ``eps``.
+
+    Example:
+        >>> nam = NAM(16, spatial_size=(8, 8))
+        >>> nam(torch.randn(2, 16, 8, 8)).shape
+        torch.Size([2, 16, 8, 8])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        spatial_size: tuple[int, int] | None = None,
+        detach_weights: bool = True,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.channel = NAMChannelAttention(channels, detach_weights=detach_weights, eps=eps)
+        self.spatial = (
+            None
+            if spatial_size is None
+            else NAMSpatialAttention(spatial_size, detach_weights=detach_weights, eps=eps)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.channel(x)
+        if self.spatial is not None:
+            x = self.spatial(x)
+        return x
+
+
+class NAMSite(nn.Module):
+    """A module followed by NAM: what :func:`nam_lightning.inject_nam` puts in its place.
+
+    Keeping the original module as a child (instead of hooking it) means wrappers that swap
+    modules, such as ``SyncBatchNorm.convert_sync_batchnorm``, convert it and keep NAM running.
+    """
+
+    def __init__(self, module: nn.Module, nam: NAM) -> None:
+        super().__init__()
+        self.module = module
+        self.nam = nam
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.nam(self.module(x))
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")

@@ -1,0 +1,220 @@
+"""``NAMCallback``: NAM and its sparsity penalty for any LightningModule.
+
+The callback only calls the plain-torch core (:mod:`~nam_lightning.inject`,
+:mod:`~nam_lightning.sparsity`); it adds the Lightning timing:
+
+- ``setup``: inject NAM (right after ``configure_model`` when the module builds its layers
+  there), so NAM parameters reach the optimizer, DDP, SyncBatchNorm conversion and checkpoint
+  restore like any other layer;
+- ``on_before_optimizer_step``: add ``lambda_ * sign(gamma)`` to the scale factors' gradients,
+  once per optimizer step, after AMP unscaling and before clipping: exactly the gradient of
+  ``lambda_ * sum |gamma|`` added to the loss, under accumulation, mixed precision and DDP;
+- ``on_train_batch_end`` / ``on_train_epoch_end``: log ``nam/l1_penalty`` and ``nam/sparsity``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from .attention import NAMSite
+from .inject import Sites, inject_nam, resolve_sites
+from .sparsity import (
+    Targets,
+    add_l1_subgradient_,
+    check_targets,
+    l1_penalty,
+    scale_factors,
+    sparsity,
+)
+
+
+class NAMCallback(Callback):
+    """Train with NAM attention and the L1 sparsity penalty on BatchNorm scale factors.
+
+    Args:
+        lambda_: weight of the L1 penalty ``lambda_ * sum |gamma|`` (the paper uses 1e-4;
+            Network Slimming uses 1e-5 for deep ResNets). 0 disables the penalty.
+        targets: which scale factors are penalised: ``"nam"`` (NAM's own, as in the paper),
+            ``"bn"`` (every backbone BatchNorm, Network Slimming) or ``"all"`` (both; pruning
+            needs sparse backbone BatchNorms).
+        sites: where NAM goes; see :func:`~nam_lightning.inject_nam`.
+        spatial: add NAM's spatial attention. Needs the LightningModule's
+            ``example_input_array`` to size it.
+        detach_weights: compute the attention weights from ``gamma`` without gradient (the
+            reference behaviour).
+        sparsity_threshold: ``nam/sparsity`` is the fraction of targeted ``|gamma|`` below it.
+        log_on: log the metrics every training ``"step"`` or once per ``"epoch"``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NAMCallback(lambda_=1e-4)])
+        trainer.fit(model)
+    """
+
+    def __init__(
+        self,
+        lambda_: float = 1e-4,
+        *,
+        targets: Targets = "all",
+        sites: Sites = "auto",
+        spatial: bool = False,
+        detach_weights: bool = True,
+        sparsity_threshold: float = 1e-2,
+        log_on: Literal["step", "epoch"] = "step",
+    ) -> None:
+        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
+            raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
+        if not math.isfinite(lambda_) or lambda_ < 0:
+            raise ValueError(f"`lambda_` must be a finite float >= 0, got {lambda_!r}")
+        check_targets(targets)
+        if not (
+            sites == "auto"
+            or callable(sites)
+            or (
+                isinstance(sites, Sequence)
+                and not isinstance(sites, str)
+                and len(sites) > 0
+                and all(isinstance(s, str) for s in sites)
+            )
+        ):
+            raise ValueError(
+                "`sites` must be 'auto', a non-empty list of module names or a predicate "
+                f"(name, module) -> bool, got {sites!r}"
+            )
+        for name, flag in (("spatial", spatial), ("detach_weights", detach_weights)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
+        if (
+            isinstance(sparsity_threshold, bool)
+            or not isinstance(sparsity_threshold, (int, float))
+            or not (0 < sparsity_threshold < math.inf)
+        ):
+            raise ValueError(
+                f"`sparsity_threshold` must be a finite float > 0, got {sparsity_threshold!r}"
+            )
+        if log_on not in ("step", "epoch"):
+            raise ValueError(f"`log_on` must be 'step' or 'epoch', got {log_on!r}")
+        self.lambda_ = float(lambda_)
+        self.targets: Targets = targets
+        self.sites = sites
+        self.spatial = spatial
+        self.detach_weights = detach_weights
+        self.sparsity_threshold = float(sparsity_threshold)
+        self.log_on = log_on
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_overridden("configure_model", pl_module):
+            # The layers do not exist yet: inject right after the user's configure_model.
+            if not isinstance(pl_module.configure_model, functools.partial):
+                pl_module.configure_model = functools.partial(  # type: ignore[method-assign]
+                    _configure_then_inject, pl_module.configure_model, self, trainer, pl_module
+                )
+        else:
+            self._inject(trainer, pl_module)
+
+    def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        missing = [
+            n
+            for n in resolve_sites(pl_module, self.sites)
+            if not isinstance(pl_module.get_submodule(n), NAMSite)
+        ]
+        if missing and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            raise RuntimeError(
+                "NAMCallback cannot add NAM under a launcher that starts worker processes and "
+                "copies the weights back (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): "
+                "the main process would not have the NAM modules and Lightning would drop their "
+                "weights. Use strategy='ddp', or call nam_lightning.inject_nam(model) with the "
+                "same sites before trainer.fit so every process has them."
+            )
+        example = pl_module.example_input_array if self.spatial else None
+        if self.spatial and example is None:
+            raise ValueError(
+                "`spatial=True` needs `example_input_array` on the LightningModule: spatial "
+                "attention is sized from the real feature maps of one forward pass."
+            )
+        sites = inject_nam(
+            pl_module,
+            self.sites,
+            spatial=self.spatial,
+            detach_weights=self.detach_weights,
+            example_inputs=example,
+        )
+        if not scale_factors(pl_module, self.targets):
+            raise ValueError(
+                f"`targets={self.targets!r}` selects no BatchNorm scale factor in "
+                f"{type(pl_module).__name__}: nothing to penalise."
+            )
+        if missing:
+            rank_zero_info(
+                f"NAMCallback: NAM added at {len(missing)} site(s) ({len(sites)} in all); "
+                f"L1 penalty {self.lambda_:g} on targets={self.targets!r}."
+            )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.lambda_ == 0:
+            return
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
+        # Lightning leaves gradients scaled for optimizers that unscale inside step() (fused).
+        scale = 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scale = float(scaler.get_scale())
+        add_l1_subgradient_(params, self.lambda_ * scale)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.log_on == "step":
+            self._log(pl_module, on_step=True)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_on == "epoch":
+            self._log(pl_module, on_step=False)
+
+    @torch.no_grad()
+    def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
+        params = scale_factors(pl_module, self.targets)
+        for name, value in (
+            ("nam/l1_penalty", self.lambda_ * l1_penalty(pl_module, self.targets)),
+            ("nam/sparsity", sparsity(params, self.sparsity_threshold)),
+        ):
+            pl_module.log(name, value, on_step=on_step, on_epoch=not on_step)
+
+
+def _configure_then_inject(
+    configure_model: Callable[[], None],
+    callback: NAMCallback,
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+) -> None:
+    try:
+        configure_model()
+    finally:
+        del pl_module.configure_model  # back to the class's method; drops our references
+    callback._inject(trainer, pl_module)
+
+
+__all__ = ["NAMCallback"]

@@ -1,0 +1,261 @@
+"""Place NAM in a network, and take it out again.
+
+NAM belongs at the end of each block; in residual networks at the end of the residual branch,
+after the branch's last BatchNorm and before the skip addition (the slot SE and CBAM use).
+``inject_nam`` replaces the module at each site with ``NAMSite(module, NAM(...))``. Modules are
+found by type, never through attribute paths of the root, so the same call works on a bare
+torchvision model, on a LightningModule holding one, and after SyncBatchNorm conversion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, resnet
+
+from .attention import NAM, NAMSite
+from .record import attach_record
+
+Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
+
+# Block type -> the attribute holding its residual branch (searched for its last BatchNorm) or
+# the branch's last BatchNorm itself. These are torchvision's own attribute names.
+_AUTO_BLOCKS: dict[type[nn.Module], str] = {
+    resnet.BasicBlock: "bn2",
+    resnet.Bottleneck: "bn3",
+    mobilenetv2.InvertedResidual: "conv",
+    mobilenetv3.InvertedResidual: "block",
+    efficientnet.MBConv: "block",
+    efficientnet.FusedMBConv: "block",
+    regnet.ResBottleneckBlock: "f",
+}
+
+AUTO_HELP = (
+    "`sites='auto'` looks for torchvision blocks: ResNet/ResNeXt/Wide-ResNet BasicBlock and "
+    "Bottleneck, MobileNetV2/V3 InvertedResidual, EfficientNet MBConv/FusedMBConv and RegNet "
+    "ResBottleneckBlock, and puts NAM after the residual branch's last BatchNorm. For other "
+    "networks name the sites: `sites=['layer1.bn', ...]` (NAM after each named module) or "
+    "`sites=lambda name, module: ...` (NAM after every module for which it returns True)."
+)
+
+
+def inject_nam(
+    model: nn.Module,
+    sites: Sites = "auto",
+    *,
+    spatial: bool = False,
+    detach_weights: bool = True,
+    eps: float = 1e-5,
+    example_inputs: Any = None,
+) -> list[str]:
+    """Put NAM after each site of ``model``, in place. Idempotent.
+
+    Args:
+        model: the network (or a module holding it, e.g. a LightningModule).
+        sites: ``"auto"`` for the blocks of torchvision's residual and inverted-residual
+            networks, a list of module names (NAM after each), or a predicate
+            ``(name, module) -> bool``.
+        spatial: add spatial attention after the channel attention. Needs ``example_inputs``:
+            its scale factors are sized from the real feature maps.
+        detach_weights: see :class:`~nam_lightning.NAMChannelAttention`.
+        eps: the NAM BatchNorms' ``eps``.
+        example_inputs: a batch (tensor or tuple of tensors) for ``model(...)``; used to measure
+            the sites' output shapes. Needed with ``spatial=True`` or when a site's channel count
+            cannot be read from the module (a BatchNorm or a conv is read directly). The model
+            runs in eval mode without gradients, so nothing it holds changes.
+
+    Returns:
+        The names of all sites where NAM now runs (those added now and those already there).
+
+    Raises:
+        ValueError: on bad arguments or when no site is found. The model is unchanged then.
+
+    Example:
+        >>> import torchvision
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> len(inject_nam(model))
+        8
+        >>> inject_nam(model) == inject_nam(model)  # a second call adds nothing
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if spatial and example_inputs is None:
+        raise ValueError(
+            "`spatial=True` needs `example_inputs`: spatial attention has one scale factor per "
+            "feature-map position, sized from the real feature maps of a forward pass."
+        )
+    _check_eps(eps)
+    names = resolve_sites(model, sites)
+    new = [n for n in names if not isinstance(model.get_submodule(n), NAMSite)]
+    shapes = _probe_shapes(model, new, example_inputs) if example_inputs is not None else {}
+    plan = {}
+    for name in new:
+        channels = shapes[name][0] if name in shapes else _read_channels(model, name)
+        spatial_size = tuple(shapes[name][1:]) if spatial else None
+        plan[name] = {
+            "channels": channels,
+            "spatial_size": spatial_size,
+            "detach_weights": detach_weights,
+            "eps": eps,
+        }
+    apply_plan(model, plan)
+    return names
+
+
+def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
+    """Wrap each named module with NAM built from its entry. All modules are built first."""
+    built = {}
+    for name, spec in plan.items():
+        site = model.get_submodule(name)
+        nam = NAM(
+            spec["channels"],
+            spatial_size=spec["spatial_size"],
+            detach_weights=spec["detach_weights"],
+            eps=spec["eps"],
+        )
+        tensor = next(iter(site.parameters()), next(iter(site.buffers()), None))
+        if tensor is not None:
+            nam.to(device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
+        nam.train(site.training)
+        built[name] = NAMSite(site, nam).train(site.training)
+    for name, wrapped in built.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, wrapped)
+    if built:
+        attach_record(model)
+
+
+def remove_nam(model: nn.Module) -> int:
+    """Take every NAM out of ``model``, putting the original modules back. Returns the count.
+
+    The model's structure and state-dict keys are those it had before :func:`inject_nam`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, NAMSite)]
+    for name, site in found:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, site.module)
+    return len(found)
+
+
+def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
+    """The module names ``sites`` stands for in ``model`` (a NAMSite counts as its module)."""
+    if isinstance(sites, str):
+        if sites != "auto":
+            raise ValueError(
+                f"`sites` must be 'auto', a list of module names or a predicate, got {sites!r}"
+            )
+        names = _auto_sites(model)
+        if not names:
+            raise ValueError(f"No NAM site found in {type(model).__name__}. {AUTO_HELP}")
+        return names
+    candidates = _candidates(model)
+    if callable(sites):
+        names = [n for n, m in candidates.items() if sites(n, m)]
+        if not names:
+            raise ValueError(f"The `sites` predicate matched no module. {AUTO_HELP}")
+        return names
+    if not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
+        raise TypeError(
+            f"`sites` must be 'auto', a list of module names or a predicate, got {sites!r}"
+        )
+    if not sites:
+        raise ValueError(f"`sites` is an empty list. {AUTO_HELP}")
+    unknown = [s for s in sites if s not in candidates]
+    if unknown:
+        raise ValueError(
+            f"`sites` names modules that are not in the model (or are inside NAM): {unknown}. "
+            f"Valid names are those of model.named_modules(), e.g. {list(candidates)[:5]}."
+        )
+    return list(dict.fromkeys(sites))
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules NAM may follow: all but the root and the insides of existing NAM sites."""
+    inside: list[str] = []
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(module, NAMSite):
+            inside.append(name + ".")
+        out[name] = module
+    return out
+
+
+def _auto_sites(model: nn.Module) -> list[str]:
+    names = []
+    for name, block in model.named_modules():
+        attr = next((a for t, a in _AUTO_BLOCKS.items() if isinstance(block, t)), None)
+        if attr is None:
+            continue
+        part = getattr(block, attr)
+        prefix = f"{name}.{attr}" if name else attr
+        if isinstance(part, (_BatchNorm, NAMSite)):
+            names.append(prefix)
+            continue
+        last = None
+        for sub, module in _candidates(part).items():
+            if isinstance(module, (_BatchNorm, NAMSite)):
+                last = sub
+        if last is not None:
+            names.append(f"{prefix}.{last}")
+    return names
+
+
+def _read_channels(model: nn.Module, name: str) -> int:
+    module = model.get_submodule(name)
+    if isinstance(module, _BatchNorm):
+        return int(module.num_features)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    raise ValueError(
+        f"Cannot tell how many channels site {name!r} ({type(module).__name__}) outputs; "
+        "pass `example_inputs` so it can be measured."
+    )
+
+
+def _probe_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, tuple]:
+    """Output shape ``(C, H, W)`` of each named module on ``example_inputs``.
+
+    Runs in eval mode without gradients, so running statistics do not move.
+    """
+    shapes: dict[str, tuple] = {}
+    handles = []
+    for name in names:
+
+        def record(_m: nn.Module, _i: Any, out: Any, name: str = name) -> None:
+            shapes[name] = tuple(out.shape[1:])
+
+        handles.append(model.get_submodule(name).register_forward_hook(record))
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    for name in names:
+        if name not in shapes:
+            raise ValueError(f"Site {name!r} did not run on `example_inputs`.")
+        if len(shapes[name]) != 3:
+            raise ValueError(
+                f"NAM needs (N, C, H, W) feature maps, but site {name!r} outputs shape "
+                f"(N, {', '.join(map(str, shapes[name]))})."
+            )
+    return shapes
+
+
+def _check_eps(eps: float) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"`eps` must be a positive float, got {eps!r}")

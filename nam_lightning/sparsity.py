@@ -1,0 +1,94 @@
+"""The L1 sparsity penalty on BatchNorm scale factors, in plain PyTorch.
+
+NAM's loss is ``sum loss(f(x), y) + p * sum |gamma| + p * sum |lambda|`` over the NAM scale
+factors; Network Slimming (Liu et al. 2017) puts the same penalty on every backbone BatchNorm
+``gamma`` so that whole channels become prunable. The penalty's gradient is ``p * sign(gamma)``,
+which :func:`add_l1_subgradient_` adds to existing gradients in one multi-tensor pass, exactly
+as if ``p * l1_penalty(model)`` had been added to the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .attention import NAMChannelAttention, NAMSpatialAttention
+
+Targets = Literal["nam", "bn", "all"]
+TARGETS: tuple[str, ...] = get_args(Targets)
+
+
+def scale_factors(model: nn.Module, targets: Targets = "all") -> list[torch.Tensor]:
+    """The scale factors the penalty acts on, found by module type.
+
+    Args:
+        model: any module (wrappers such as DDP are fine: modules are found by type).
+        targets: ``"nam"``: NAM channel ``gamma`` and spatial ``lambda`` (the NAM paper);
+            ``"bn"``: the ``gamma`` of every other BatchNorm (Network Slimming); ``"all"``: both.
+    """
+    check_targets(targets)
+    nam_bns: set[int] = set()
+    found: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, (NAMChannelAttention, NAMSpatialAttention)):
+            nam_bns.add(id(module.bn))
+            if targets != "bn" and module.bn.weight is not None:
+                found[id(module.bn.weight)] = module.bn.weight
+        elif (
+            isinstance(module, _BatchNorm)
+            and id(module) not in nam_bns
+            and targets != "nam"
+            and module.weight is not None
+        ):
+            found[id(module.weight)] = module.weight
+    return list(found.values())
+
+
+def l1_penalty(model: nn.Module, targets: Targets = "all") -> torch.Tensor:
+    """``sum |gamma|`` over the targeted scale factors, differentiable (no lambda applied).
+
+    Example:
+        >>> bn = nn.BatchNorm2d(3)
+        >>> _ = bn.weight.data.copy_(torch.tensor([1.0, -2.0, 0.5]))
+        >>> l1_penalty(nn.Sequential(bn)).item()
+        3.5
+    """
+    params = scale_factors(model, targets)
+    if not params:
+        return torch.zeros(())
+    return torch.stack(torch._foreach_norm(params, 1)).sum()
+
+
+@torch.no_grad()
+def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
+    """``p.grad += lambda_ * sign(p)`` for every ``p`` that has a gradient, in one pass.
+
+    This is the gradient of ``lambda_ * sum |p|`` (``sign(0) = 0``, as autograd's ``abs``).
+    Parameters without a gradient (unused this step, or frozen) are left alone.
+    """
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad or lambda_ == 0:
+        return
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    torch._foreach_add_(grads, torch._foreach_sign(with_grad), alpha=lambda_)
+
+
+@torch.no_grad()
+def sparsity(params: Iterable[torch.Tensor], threshold: float = 1e-2) -> torch.Tensor:
+    """Fraction of the elements of ``params`` with ``|value| < threshold``, as a 0-dim tensor.
+
+    Stays on the parameters' device (no host sync), so it is cheap to log every step.
+    """
+    flat = [p.detach().reshape(-1) for p in params]
+    if not flat:
+        return torch.zeros(())
+    return (torch.cat(flat).abs() < threshold).float().mean()
+
+
+def check_targets(targets: object) -> None:
+    if targets not in TARGETS:
+        raise ValueError(f"`targets` must be one of {TARGETS}, got {targets!r}")
