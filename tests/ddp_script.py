@@ -1,0 +1,39 @@
+"""Two-process CPU DDP runs for test_callback_ddp.py (DDP re-runs this script per rank).
+
+Usage: python ddp_script.py OUT_DIR MODE, MODE one of
+  callback      NAMCallback adds the penalty
+  reference     the loss adds lambda * l1_penalty
+  spawn         NAMCallback under ddp_spawn (must fail before training)
+  spawn-injected  inject_nam before fit, then NAMCallback under ddp_spawn (must work)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning_helpers import Classifier, tensors, trainer_kwargs
+
+from nam_lightning import NAMCallback, inject_nam
+
+LAMBDA = 1e-2
+
+
+def main(out: Path, mode: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    strategy = "ddp_spawn" if mode.startswith("spawn") else "ddp"
+    model = Classifier(inject=mode == "reference", reference_lambda=LAMBDA if mode == "reference" else 0.0)
+    if mode == "spawn-injected":
+        inject_nam(model)
+    callbacks = [] if mode == "reference" else [NAMCallback(LAMBDA)]
+    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(devices=2, strategy=strategy))
+    trainer.fit(model)
+    # Under ddp every rank reaches this line; under ddp_spawn only the main process does.
+    rank = trainer.global_rank if strategy == "ddp" else "main"
+    torch.save(tensors(model), out / f"{mode}_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])

@@ -1,0 +1,226 @@
+"""NAMCallback: the penalty is exact on every trainer configuration, checkpoints round-trip."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning_helpers import Classifier, ConfigureModelClassifier, tensors, trainer_kwargs
+
+from nam_lightning import NAMCallback, NAMChannelAttention, NAMSite, load_checkpoint
+
+LAMBDA = 1e-2  # large enough that a missing or doubled penalty shows after a few steps
+
+
+def fit(module_kwargs: dict[str, Any], callback: NAMCallback | None, **overrides: Any) -> Any:
+    pl.seed_everything(0, verbose=False)
+    cls = module_kwargs.pop("cls", Classifier)
+    model = cls(**module_kwargs)
+    trainer = pl.Trainer(callbacks=[callback] if callback else [], **trainer_kwargs(**overrides))
+    trainer.fit(model)
+    return model
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def gradscaler_plugin() -> list[Any]:
+    # On CPU, precision="16-mixed" silently becomes bf16; this forces the GradScaler path.
+    return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+
+CONFIGS = {
+    "fp32": ({}, {}),
+    "bf16-mixed": ({}, {"precision": "bf16-mixed"}),
+    "16-mixed-gradscaler": ({}, {"plugins": gradscaler_plugin()}),
+    "accumulate-and-clip": ({}, {"accumulate_grad_batches": 4, "gradient_clip_val": 0.05}),
+    "fused-sgd": ({"fused": True}, {}),
+    "fused-sgd-gradscaler": ({"fused": True}, {"plugins": gradscaler_plugin()}),
+    "manual-optimization": ({"manual": True}, {}),
+    "manual-two-optimizers": ({"manual": True, "two_optimizers": True}, {}),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_penalty_equals_loss_term(config: str) -> None:
+    module_kwargs, trainer_overrides = CONFIGS[config]
+    plugins = trainer_overrides.get("plugins")
+    with_callback = fit(
+        dict(module_kwargs), NAMCallback(LAMBDA), **trainer_overrides
+    )
+    if plugins:  # a GradScaler is stateful: use a fresh one for the reference run
+        trainer_overrides = {**trainer_overrides, "plugins": gradscaler_plugin()}
+    reference = fit(
+        {**module_kwargs, "inject": True, "reference_lambda": LAMBDA}, None, **trainer_overrides
+    )
+    assert_same_params(tensors(with_callback), tensors(reference))
+    # The comparison can fail: without the penalty the parameters differ.
+    if trainer_overrides.get("plugins"):
+        trainer_overrides = {**trainer_overrides, "plugins": gradscaler_plugin()}
+    unpenalised = fit({**module_kwargs, "inject": True}, None, **trainer_overrides)
+    gammas = [k for k in tensors(reference) if k.endswith("bn1.weight")]
+    assert any(
+        not torch.allclose(tensors(reference)[k], tensors(unpenalised)[k], atol=1e-4)
+        for k in gammas
+    )
+
+
+@pytest.mark.parametrize("targets", ["nam", "bn"])
+def test_targets_select_the_penalised_scale_factors(targets: str) -> None:
+    with_callback = fit({}, NAMCallback(LAMBDA, targets=targets))
+    reference = fit({"inject": True, "reference_lambda": LAMBDA, "targets": targets}, None)
+    assert_same_params(tensors(with_callback), tensors(reference))
+
+
+def test_nam_is_injected_before_the_optimizer_is_built() -> None:
+    model = fit({}, NAMCallback(LAMBDA))
+    sites = [m for m in model.modules() if isinstance(m, NAMSite)]
+    assert len(sites) == 2
+    optimizer_params = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
+    for site in sites:
+        assert id(site.nam.channel.bn.weight) in optimizer_params
+        # NAM's BN trained: its running statistics moved away from their init.
+        assert not torch.equal(site.nam.channel.bn.running_var, torch.ones_like(site.nam.channel.bn.running_var))
+
+
+def test_layers_built_in_configure_model_get_nam() -> None:
+    model = fit({"cls": ConfigureModelClassifier}, NAMCallback(LAMBDA))
+    assert sum(isinstance(m, NAMSite) for m in model.modules()) == 2
+    optimizer_params = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
+    nam_weights = [m.bn.weight for m in model.modules() if isinstance(m, NAMChannelAttention)]
+    assert all(id(w) in optimizer_params for w in nam_weights)
+    assert "configure_model" not in vars(model)  # the temporary wrapper is gone again
+
+
+def test_logs_penalty_and_sparsity(tmp_path: Any) -> None:
+    callback = NAMCallback(LAMBDA, sparsity_threshold=0.5)
+    model = fit({}, callback, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1)
+    metrics = model.trainer.callback_metrics
+    gammas = [
+        m.weight for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+    expected_l1 = LAMBDA * sum(float(g.abs().sum()) for g in gammas)
+    assert math.isclose(float(metrics["nam/l1_penalty"]), expected_l1, rel_tol=1e-5)
+    all_gammas = torch.cat([g.detach().flatten() for g in gammas])
+    expected_sparsity = float((all_gammas.abs() < 0.5).float().mean())
+    assert math.isclose(float(metrics["nam/sparsity"]), expected_sparsity, rel_tol=1e-6)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "nam/l1_penalty" in header and "nam/sparsity" in header
+
+
+def test_resume_matches_uninterrupted_run(tmp_path: Any) -> None:
+    steps = {"max_epochs": 2, "max_steps": -1}
+    uninterrupted = fit({}, NAMCallback(LAMBDA), **steps)
+
+    pl.seed_everything(0, verbose=False)
+    first = Classifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    kwargs = trainer_kwargs(max_epochs=1, max_steps=-1, enable_checkpointing=True)
+    pl.Trainer(callbacks=[NAMCallback(LAMBDA), checkpoint], **kwargs).fit(first)
+
+    pl.seed_everything(0, verbose=False)
+    resumed = Classifier()
+    trainer = pl.Trainer(callbacks=[NAMCallback(LAMBDA)], **trainer_kwargs(**steps))
+    trainer.fit(resumed, ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == uninterrupted.trainer.global_step
+    assert_same_params(tensors(resumed), tensors(uninterrupted))
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_load_checkpoint_round_trip(tmp_path: Any, weights_only: bool) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_weights_only=weights_only)
+    pl.seed_everything(0, verbose=False)
+    model = Classifier(lr=0.05)
+    kwargs = trainer_kwargs(enable_checkpointing=True)
+    pl.Trainer(callbacks=[NAMCallback(LAMBDA, spatial=True), checkpoint], **kwargs).fit(model)
+
+    loaded = load_checkpoint(Classifier, tmp_path / "last.ckpt")
+    assert loaded.hparams.lr == 0.05  # hyperparameters come from the checkpoint
+    x = torch.randn(4, 3, 8, 8)
+    model.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert sum(isinstance(m, NAMSite) for m in loaded.modules()) == 2
+    assert loaded.net[3].bn2.nam.spatial.size == (8, 8)
+
+    overridden = load_checkpoint(Classifier, tmp_path / "last.ckpt", lr=0.5)
+    assert overridden.hparams.lr == 0.5
+
+    # Without the helper, Lightning builds the class as written (no NAM) and loads strictly.
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        Classifier.load_from_checkpoint(tmp_path / "last.ckpt")
+
+
+def test_load_checkpoint_of_model_built_in_configure_model(tmp_path: Any) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    pl.seed_everything(0, verbose=False)
+    model = ConfigureModelClassifier()
+    kwargs = trainer_kwargs(enable_checkpointing=True)
+    pl.Trainer(callbacks=[NAMCallback(LAMBDA), checkpoint], **kwargs).fit(model)
+    loaded = load_checkpoint(ConfigureModelClassifier, tmp_path / "last.ckpt")
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_spatial_needs_example_input_array() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    model.example_input_array = None
+    trainer = pl.Trainer(callbacks=[NAMCallback(spatial=True)], **trainer_kwargs())
+    with pytest.raises(ValueError, match="example_input_array"):
+        trainer.fit(model)
+    assert not any(isinstance(m, NAMSite) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lambda_": -1e-4}, ValueError, r"`lambda_` must be a finite float >= 0, got -0.0001"),
+        ({"lambda_": float("nan")}, ValueError, r"`lambda_` must be a finite float >= 0"),
+        ({"lambda_": float("inf")}, ValueError, r"`lambda_` must be a finite float >= 0"),
+        ({"lambda_": "1e-4"}, TypeError, r"`lambda_` must be a float, got str"),
+        ({"lambda_": True}, TypeError, r"`lambda_` must be a float, got bool"),
+        ({"targets": "gamma"}, ValueError, r"`targets` must be one of \('nam', 'bn', 'all'\)"),
+        ({"sites": "everywhere"}, ValueError, r"`sites` must be 'auto', a non-empty list"),
+        ({"sites": []}, ValueError, r"`sites` must be 'auto', a non-empty list"),
+        ({"sites": [1, 2]}, ValueError, r"`sites` must be 'auto'"),
+        ({"spatial": "yes"}, TypeError, r"`spatial` must be a bool"),
+        ({"detach_weights": 1}, TypeError, r"`detach_weights` must be a bool"),
+        ({"sparsity_threshold": 0}, ValueError, r"`sparsity_threshold` must be a finite float > 0"),
+        ({"sparsity_threshold": float("inf")}, ValueError, r"`sparsity_threshold`"),
+        ({"log_on": "batch"}, ValueError, r"`log_on` must be 'step' or 'epoch', got 'batch'"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        NAMCallback(**kwargs)
+
+
+def test_model_without_sites_fails_before_training() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    model.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    trainer = pl.Trainer(callbacks=[NAMCallback()], **trainer_kwargs())
+    with pytest.raises(ValueError, match="No NAM site found"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+def test_targets_without_scale_factors_fail_before_training() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight = None
+    trainer = pl.Trainer(callbacks=[NAMCallback(targets="bn")], **trainer_kwargs())
+    with pytest.raises(ValueError, match="selects no BatchNorm scale factor"):
+        trainer.fit(model)
