@@ -1,14 +1,16 @@
 """nam_lightning: NAM attention, its sparsity penalty and channel pruning for PyTorch Lightning.
 
-The core (attention, injection, sparsity, checkpoints) is plain PyTorch; only
+The core (attention, injection, sparsity, pruning, checkpoints) is plain PyTorch; only
 :class:`NAMCallback` needs Lightning and is imported lazily.
 """
 
 from typing import Any
 
 from .attention import NAM, NAMChannelAttention, NAMSite, NAMSpatialAttention
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_pruned
 from .inject import inject_nam, remove_nam
+from .pruning import PruneConfig, prune_channels
+from .report import PruneReport
 from .sparsity import add_l1_subgradient_, l1_penalty, scale_factors, sparsity
 
 __version__ = "0.1.0"
@@ -19,11 +21,15 @@ __all__ = [
     "NAMChannelAttention",
     "NAMSite",
     "NAMSpatialAttention",
+    "PruneConfig",
+    "PruneReport",
     "add_l1_subgradient_",
     "inject_nam",
     "l1_penalty",
     "load_checkpoint",
+    "prune_channels",
     "remove_nam",
+    "save_pruned",
     "scale_factors",
     "sparsity",
 ]

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 
-def _normalised_abs(scale: torch.Tensor) -> torch.Tensor:
-    """``|scale| / sum |scale|``, with the all-zero case mapped to zeros instead of NaN."""
+def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
+    """``|scale| / (sum |scale| + removed)``, with an all-zero sum giving zeros, not NaN."""
     magnitude = scale.abs()
-    # A heavy L1 penalty can drive every scale factor to exactly zero; dividing by the
-    # smallest normal float then yields 0 (a neutral 0.5 gate), never 0/0.
-    return magnitude / magnitude.sum().clamp_min(torch.finfo(magnitude.dtype).tiny)
+    total = magnitude.sum() if removed is None else magnitude.sum() + removed
+    # A heavy L1 penalty can drive every scale factor to exactly zero: dividing by 1 then gives
+    # w = 0 (a neutral 0.5 gate) and finite gradients, never 0/0.
+    return magnitude / torch.where(total > 0, total, torch.ones_like(total))
 
 
 class NAMChannelAttention(nn.Module):
@@ -30,6 +31,8 @@ class NAMChannelAttention(nn.Module):
 
     The channel count is only used to build the BatchNorm; the forward pass derives every shape
     from the tensors, so the module keeps working after channel pruning shrinks its BatchNorm.
+    Pruning adds the ``|gamma|`` of the channels it removes to the buffer ``pruned_mass``, which
+    stays in the denominator: the remaining channels keep exactly the weights they had.
 
     Args:
         channels: number of input channels ``C``.
@@ -44,16 +47,19 @@ class NAMChannelAttention(nn.Module):
         torch.Size([2, 8, 5, 7])
     """
 
+    pruned_mass: torch.Tensor
+
     def __init__(self, channels: int, *, detach_weights: bool = True, eps: float = 1e-5) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
         self.detach_weights = detach_weights
         self.bn = nn.BatchNorm2d(channels, eps=eps)
+        self.register_buffer("pruned_mass", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         z = self.bn(x)
         gamma = self.bn.weight.detach() if self.detach_weights else self.bn.weight
-        w = _normalised_abs(gamma).to(z.dtype)  # (C,)
+        w = _normalised_abs(gamma, self.pruned_mass).to(z.dtype)  # (C,)
         return x * torch.sigmoid(z * w.view(1, -1, 1, 1))
 
 

@@ -9,12 +9,16 @@ The callback only calls the plain-torch core (:mod:`~nam_lightning.inject`,
 - ``on_before_optimizer_step``: add ``lambda_ * sign(gamma)`` to the scale factors' gradients,
   once per optimizer step, after AMP unscaling and before clipping: exactly the gradient of
   ``lambda_ * sum |gamma|`` added to the loss, under accumulation, mixed precision and DDP;
-- ``on_train_batch_end`` / ``on_train_epoch_end``: log ``nam/l1_penalty`` and ``nam/sparsity``.
+- ``on_train_batch_end`` / ``on_train_epoch_end``: log ``nam/l1_penalty`` and ``nam/sparsity``;
+- ``on_train_end`` (with ``prune=``): remove low-``|gamma|`` channels on every rank, check that the
+  ranks agree, and report what was gained.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -29,6 +33,9 @@ from typing_extensions import override
 
 from .attention import NAMSite
 from .inject import Sites, inject_nam, resolve_sites
+from .pruning import PruneConfig, prune_channels
+from .record import PRUNING_ATTR
+from .report import PruneReport
 from .sparsity import (
     Targets,
     add_l1_subgradient_,
@@ -55,6 +62,10 @@ class NAMCallback(Callback):
             reference behaviour).
         sparsity_threshold: ``nam/sparsity`` is the fraction of targeted ``|gamma|`` below it.
         log_on: log the metrics every training ``"step"`` or once per ``"epoch"``.
+        prune: prune channels when training ends: a fraction of channels to remove, or a
+            :class:`~nam_lightning.PruneConfig` (e.g. ``PruneConfig(flops_target=0.5)``).
+            The example batch is the LightningModule's ``example_input_array``, else the first
+            training batch. The report is kept in ``callback.report``.
 
     Example::
 
@@ -72,6 +83,7 @@ class NAMCallback(Callback):
         detach_weights: bool = True,
         sparsity_threshold: float = 1e-2,
         log_on: Literal["step", "epoch"] = "step",
+        prune: float | PruneConfig | None = None,
     ) -> None:
         if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
             raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
@@ -112,6 +124,16 @@ class NAMCallback(Callback):
         self.detach_weights = detach_weights
         self.sparsity_threshold = float(sparsity_threshold)
         self.log_on = log_on
+        if isinstance(prune, (int, float)) and not isinstance(prune, bool):
+            prune = PruneConfig(amount=float(prune))
+        if prune is not None and not isinstance(prune, PruneConfig):
+            raise TypeError(
+                f"`prune` must be None, a fraction of channels to remove or a PruneConfig, "
+                f"got {prune!r}"
+            )
+        self.prune = prune
+        self.report: PruneReport | None = None
+        self._example: Any = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -130,14 +152,23 @@ class NAMCallback(Callback):
             for n in resolve_sites(pl_module, self.sites)
             if not isinstance(pl_module.get_submodule(n), NAMSite)
         ]
-        if missing and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            raise RuntimeError(
-                "NAMCallback cannot add NAM under a launcher that starts worker processes and "
-                "copies the weights back (strategy='ddp_spawn', 'ddp_fork', 'ddp_notebook'): "
-                "the main process would not have the NAM modules and Lightning would drop their "
-                "weights. Use strategy='ddp', or call nam_lightning.inject_nam(model) with the "
-                "same sites before trainer.fit so every process has them."
-            )
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            if self.prune is not None:
+                raise RuntimeError(
+                    "NAMCallback(prune=...) cannot run under a launcher that starts worker "
+                    "processes and copies the weights back (strategy='ddp_spawn', 'ddp_fork', "
+                    "'ddp_notebook'): the main process's model keeps the unpruned shapes. Use "
+                    "strategy='ddp'."
+                )
+            if missing:
+                raise RuntimeError(
+                    "NAMCallback cannot add NAM under a launcher that starts worker processes "
+                    "and copies the weights back (strategy='ddp_spawn', 'ddp_fork', "
+                    "'ddp_notebook'): the main process would not have the NAM modules and "
+                    "Lightning would drop their weights. Use strategy='ddp', or call "
+                    "nam_lightning.inject_nam(model) with the same sites before trainer.fit so "
+                    "every process has them."
+                )
         example = pl_module.example_input_array if self.spatial else None
         if self.spatial and example is None:
             raise ValueError(
@@ -176,6 +207,59 @@ class NAMCallback(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())
         add_l1_subgradient_(params, self.lambda_ * scale)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.prune is not None and self._example is None:
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if isinstance(inputs, torch.Tensor):
+                self._example = inputs.detach().clone()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.prune is None:
+            return
+        example = pl_module.example_input_array
+        if example is None:
+            example = self._example
+        if example is None:
+            raise ValueError(
+                "NAMCallback(prune=...) needs an example batch: set `example_input_array` on "
+                "the LightningModule, or train on batches whose first element is the input."
+            )
+        device = next(pl_module.parameters()).device
+        if isinstance(example, torch.Tensor):
+            example = example.to(device)
+        elif isinstance(example, tuple):
+            example = tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
+        config = self.prune
+        self.report = prune_channels(
+            pl_module,
+            example,
+            config.amount,
+            flops_target=config.flops_target,
+            importance=config.importance,
+            scope=config.scope,
+            max_layer_amount=config.max_layer_amount,
+            round_to=config.round_to,
+        )
+        record = vars(pl_module)[PRUNING_ATTR]["passes"][-1]["history"]
+        digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
+        agreed = digest == trainer.strategy.broadcast(digest, src=0)
+        if not trainer.strategy.reduce_boolean_decision(agreed, all=True):
+            raise RuntimeError(
+                "NAMCallback: the ranks pruned different channels (their BatchNorm scale "
+                "factors differ), so the models are no longer replicas; nothing was saved."
+            )
+        rank_zero_info(f"NAMCallback: pruned the model\n{self.report.table()}")
+        metrics = {
+            "prune/params_ratio": self.report.params_ratio,
+            "prune/flops_ratio": self.report.flops_ratio,
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
     @override
     def on_train_batch_end(

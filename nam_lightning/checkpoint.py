@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .inject import _read_channels, apply_plan
+from .pruning import replay_pruning
 from .record import RECORD_FORMAT, RECORD_KEY
 
 M = TypeVar("M", bound=nn.Module)
@@ -85,7 +86,7 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
 
 
 def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
-    """Reapply to ``model`` the changes recorded in ``state_dict`` (NAM sites)."""
+    """Reapply to ``model`` the changes recorded in ``state_dict``: NAM sites, then pruning."""
     for key, record in state_dict.items():
         if not key.endswith(RECORD_KEY):
             continue
@@ -116,3 +117,24 @@ def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
             if spec["spatial_size"] is not None:
                 plan[site]["spatial_size"] = tuple(spec["spatial_size"])
         apply_plan(root, plan)
+        if record.get("pruning"):
+            replay_pruning(root, record["pruning"])
+
+
+def save_pruned(model: nn.Module, path: str | os.PathLike[str], **extra: Any) -> None:
+    """Save ``model``'s weights with its architecture record, for :func:`load_checkpoint`.
+
+    The file holds ``{"state_dict": ..., **extra}`` (pass ``hyper_parameters={...}`` for the
+    constructor arguments) and loads with ``torch.load(weights_only=True)``. It is written to a
+    temporary file first and renamed, so an existing file is never left half-written.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save({**extra, "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

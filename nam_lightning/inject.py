@@ -118,7 +118,11 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
             detach_weights=spec["detach_weights"],
             eps=spec["eps"],
         )
-        tensor = next(iter(site.parameters()), next(iter(site.buffers()), None))
+        # The site's own tensors tell the device and dtype; a parameterless site (an
+        # activation) follows the model's.
+        tensor = next(site.parameters(), next(site.buffers(), None))
+        if tensor is None:
+            tensor = next(model.parameters(), next(model.buffers(), None))
         if tensor is not None:
             nam.to(device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
         nam.train(site.training)
@@ -160,7 +164,7 @@ def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
         names = [n for n, m in candidates.items() if sites(n, m)]
         if not names:
             raise ValueError(f"The `sites` predicate matched no module. {AUTO_HELP}")
-        return names
+        return _check_not_nested(names)
     if not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
         raise TypeError(
             f"`sites` must be 'auto', a list of module names or a predicate, got {sites!r}"
@@ -173,7 +177,18 @@ def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
             f"`sites` names modules that are not in the model (or are inside NAM): {unknown}. "
             f"Valid names are those of model.named_modules(), e.g. {list(candidates)[:5]}."
         )
-    return list(dict.fromkeys(sites))
+    return _check_not_nested(list(dict.fromkeys(sites)))
+
+
+def _check_not_nested(names: list[str]) -> list[str]:
+    for outer in names:
+        inner = [n for n in names if n.startswith(outer + ".")]
+        if inner:
+            raise ValueError(
+                f"`sites` holds {outer!r} and modules inside it ({inner[:3]}): NAM after a "
+                "module and inside it at once is ambiguous; name one or the other."
+            )
+    return names
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -185,6 +200,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if isinstance(module, NAMSite):
             inside.append(name + ".")
+            module = module.module  # a site stands for the module it wraps
         out[name] = module
     return out
 

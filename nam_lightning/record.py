@@ -22,6 +22,7 @@ from .attention import NAMSite
 RECORD_KEY = "_nam_lightning"
 RECORD_FORMAT = 1
 _HOOKED = "_nam_lightning_record_hooks"
+PRUNING_ATTR = "_nam_lightning_pruning"  # set by nam_lightning.pruning
 
 
 def nam_sites(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -41,7 +42,7 @@ def nam_sites(model: nn.Module) -> dict[str, dict[str, Any]]:
 def make_record(model: nn.Module) -> dict[str, Any] | None:
     """The record of ``model``, or ``None`` when nam_lightning has not changed it."""
     sites = nam_sites(model)
-    pruning = getattr(model, "_nam_lightning_pruning", None)
+    pruning = getattr(model, PRUNING_ATTR, None)
     if not sites and pruning is None:
         return None
     return {"format": RECORD_FORMAT, "nam_sites": sites, "pruning": pruning}
@@ -80,6 +81,14 @@ def _check_record(
     ours = make_record(module)
     saved_sites = sorted(saved.get("nam_sites", {}))
     our_sites = sorted(ours["nam_sites"]) if ours else []
+    saved_passes = len((saved.get("pruning") or {}).get("passes", []))
+    our_passes = len(((ours or {}).get("pruning") or {}).get("passes", []))
+    if saved_passes != our_passes:
+        error_msgs.append(
+            f"the weights were saved from a model pruned {saved_passes} time(s), but this model "
+            f"was pruned {our_passes} time(s); rebuild it with nam_lightning.load_checkpoint(), "
+            "which replays the saved pruning."
+        )
     if saved_sites != our_sites:
         error_msgs.append(
             f"the weights were saved from a model with NAM at {len(saved_sites)} site(s) "

@@ -84,7 +84,7 @@ def sparsity(params: Iterable[torch.Tensor], threshold: float = 1e-2) -> torch.T
     Stays on the parameters' device (no host sync), so it is cheap to log every step.
     """
     flat = [p.detach().reshape(-1) for p in params]
-    if not flat:
+    if sum(f.numel() for f in flat) == 0:
         return torch.zeros(())
     return (torch.cat(flat).abs() < threshold).float().mean()
 

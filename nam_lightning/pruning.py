@@ -1,0 +1,422 @@
+"""Channel pruning by BatchNorm scale factors (Network Slimming), done by Torch-Pruning.
+
+This is the only module that imports ``torch_pruning``: its dependency graph finds which
+layers are coupled (residual additions, concatenations, depthwise and grouped convolutions),
+and its pruner removes channels physically. What to remove is decided here:
+
+- ``importance="bn"`` (default): the raw ``|gamma|`` of the backbone BatchNorms that produce a
+  channel (mean over the BatchNorms of a coupled group), one threshold for the whole network
+  (``scope="global"``, as Network Slimming) or per layer (``"local"``). NAM's own BatchNorms do
+  not count: a NAM ``gamma`` near 0 makes that channel's gate a constant 0.5 ("no attention"),
+  which says nothing about whether the channel carries information.
+- ``importance="nam"``: rank by NAM's ``gamma`` instead; only groups that contain a NAM module
+  (the residual streams it gates) are pruned.
+
+Liu et al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .attention import NAMChannelAttention, NAMSpatialAttention
+from .record import PRUNING_ATTR, attach_record
+from .report import (
+    PruneReport,
+    as_args,
+    count_flops,
+    count_params,
+    eval_mode,
+    layer_channels,
+    measure_latency,
+)
+
+Importance = Literal["bn", "nam"]
+Scope = Literal["global", "local"]
+
+
+@dataclass
+class PruneConfig:
+    """Arguments of :func:`prune_channels`, for :class:`~nam_lightning.NAMCallback` and the CLI.
+
+    Attributes:
+        amount: fraction of prunable channels to remove (exclusive with ``flops_target``).
+        flops_target: fraction of the FLOPs to keep.
+        importance: ``"bn"`` (backbone BatchNorm ``|gamma|``) or ``"nam"``.
+        scope: ``"global"`` (one threshold) or ``"local"`` (per layer).
+        max_layer_amount: the most any layer may lose, a fraction < 1.
+        round_to: keep channel counts multiples of this.
+    """
+
+    amount: float | None = None
+    flops_target: float | None = None
+    importance: Importance = "bn"
+    scope: Scope = "global"
+    max_layer_amount: float = 0.9
+    round_to: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_arguments(
+            self.amount,
+            self.flops_target,
+            self.importance,
+            self.scope,
+            self.max_layer_amount,
+            self.round_to,
+        )
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs: Any,
+    amount: float | None = None,
+    *,
+    flops_target: float | None = None,
+    importance: Importance = "bn",
+    scope: Scope = "global",
+    max_layer_amount: float = 0.9,
+    round_to: int | None = None,
+    ignored_layers: Iterable[nn.Module] | None = None,
+    measure: bool = True,
+) -> PruneReport:
+    """Remove the least important channels of ``model`` physically, in place.
+
+    Args:
+        model: a network with BatchNorm layers (NAM injected or not).
+        example_inputs: a batch for ``model(...)`` (tensor or tuple), on the model's device;
+            used to trace the network, count FLOPs and time it.
+        amount: fraction of the prunable channels to remove, in (0, 1).
+        flops_target: instead of ``amount``: the fraction of FLOPs to keep, in (0, 1); the
+            amount is solved so that the result lands within 2% of it where channel granularity
+            allows.
+        importance: ``"bn"`` or ``"nam"`` (see the module docstring).
+        scope: ``"global"``: one threshold over all layers; ``"local"``: ``amount`` per layer.
+        max_layer_amount: no layer loses more than this fraction of its channels.
+        round_to: keep every pruned layer's channel count a multiple of this (fast kernels).
+        ignored_layers: modules never pruned. The layer that produces the model's output is
+            always kept whole.
+        measure: time the model before and after on ``example_inputs``.
+
+    Returns:
+        A :class:`~nam_lightning.PruneReport`.
+
+    Raises:
+        ValueError: on bad arguments, a model without BatchNorm, or a failed surgery; the model
+            is then exactly as it was.
+    """
+    _check_arguments(amount, flops_target, importance, scope, max_layer_amount, round_to)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(isinstance(a, torch.Tensor) for a in as_args(example_inputs)):
+        raise TypeError("`example_inputs` must be a tensor or a tuple holding tensors")
+    ignored = list(ignored_layers or [])
+    if not all(isinstance(m, nn.Module) for m in ignored):
+        raise TypeError("`ignored_layers` must hold torch.nn.Module objects")
+    nam_bns = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
+    if not any(isinstance(m, _BatchNorm) and id(m) not in nam_bns for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has no BatchNorm layer: channel pruning ranks channels by "
+            "BatchNorm scale factors, so there is nothing to rank."
+        )
+    if importance == "nam" and not nam_bns:
+        raise ValueError("`importance='nam'` needs NAM modules in the model (see inject_nam)")
+
+    start = time.perf_counter()
+    params_before, flops_before = count_params(model), count_flops(model, example_inputs)
+    channels_before = layer_channels(model)
+    latency_before = measure_latency(model, example_inputs) if measure else None
+    ignored.append(_output_layer(model, example_inputs))
+    # Spatial attention has one scale factor per position, not per channel: never pruned.
+    ignored += [m for m in model.modules() if isinstance(m, NAMSpatialAttention)]
+
+    snapshot = _Snapshot(model)
+    try:
+        if flops_target is not None:
+            amount = _solve_amount(
+                model,
+                example_inputs,
+                flops_target,
+                flops_before,
+                snapshot,
+                importance,
+                scope,
+                max_layer_amount,
+                round_to,
+                ignored,
+            )
+        assert amount is not None
+        history, threshold, removed = _prune(
+            model, example_inputs, amount, importance, scope, max_layer_amount, round_to, ignored
+        )
+        flops_after = count_flops(model, example_inputs)
+    except Exception as err:
+        snapshot.restore()
+        raise ValueError(f"Channel pruning failed, the model is unchanged: {err}") from err
+
+    record = getattr(model, PRUNING_ATTR, None) or {"passes": []}
+    shapes = [list(a.shape) for a in as_args(example_inputs) if isinstance(a, torch.Tensor)]
+    record["passes"].append({"history": history, "input_shapes": shapes})
+    setattr(model, PRUNING_ATTR, record)
+    attach_record(model)
+    args = as_args(example_inputs)
+    return PruneReport(
+        params_before=params_before,
+        params_after=count_params(model),
+        flops_before=flops_before,
+        flops_after=flops_after,
+        channels_before=channels_before,
+        channels_after=layer_channels(model),
+        threshold=threshold,
+        removed_channels=removed,
+        importance=importance,
+        scope=scope,
+        amount=amount,
+        flops_target=flops_target,
+        latency_before=latency_before,
+        latency_after=measure_latency(model, example_inputs) if measure else None,
+        device=str(next(a for a in args if isinstance(a, torch.Tensor)).device),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
+    """Redo recorded pruning passes on a freshly built model (for loading checkpoints)."""
+    for step in record["passes"]:
+        inputs = tuple(torch.zeros(shape) for shape in step["input_shapes"])
+        with eval_mode(model, grad=True):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+        graph.load_pruning_history([tuple(h) for h in step["history"]])
+    setattr(model, PRUNING_ATTR, record)
+    attach_record(model)
+
+
+class _ScaleImportance(tp.importance.Importance):
+    """Per-channel ``|gamma|`` of a group's backbone (or NAM) BatchNorms, averaged."""
+
+    def __init__(self, model: nn.Module, use_nam: bool) -> None:
+        self.use_nam = use_nam
+        self.nam_bns = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
+        self._reduce = tp.importance.GroupMagnitudeImportance(
+            p=1, group_reduction="mean", normalizer=None
+        )._reduce
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        scores, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            if (
+                isinstance(layer, _BatchNorm)
+                and layer.weight is not None
+                and (id(layer) in self.nam_bns) == self.use_nam
+            ):
+                scores.append(layer.weight.detach().abs()[idxs].float())
+                roots.append(group[i].root_idxs)
+        if not scores:
+            return None
+        return self._reduce(scores, roots)
+
+
+def _prune(
+    model: nn.Module,
+    example_inputs: Any,
+    amount: float,
+    importance: str,
+    scope: str,
+    max_layer_amount: float,
+    round_to: int | None,
+    ignored: list[nn.Module],
+) -> tuple[list[list[Any]], float | None, int]:
+    """One pruning pass; returns the history, the threshold used and the channels removed."""
+    scorer = _ScaleImportance(model, use_nam=importance == "nam")
+    nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
+    with eval_mode(model, grad=True):  # tracing needs autograd; eval keeps BN statistics still
+        pruner = tp.pruner.BasePruner(
+            model,
+            as_args(example_inputs),
+            importance=scorer,
+            global_pruning=scope == "global",
+            pruning_ratio=amount,
+            max_pruning_ratio=max_layer_amount,
+            round_to=round_to,
+            ignored_layers=ignored,
+        )
+    threshold: float | None = None
+    removed = 0
+    for group in pruner.step(interactive=True):
+        group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
+        if group is None:
+            continue
+        idxs = [int(i) for i in group[0][1]]
+        if scores is not None:
+            # grouped convolutions rank a channel by its mean over the channel groups
+            per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)
+            top = float(per_base[[i % len(per_base) for i in idxs]].max())
+            threshold = top if threshold is None else max(threshold, top)
+        removed += len(idxs)
+        for dep, dep_idxs in group:
+            nam = nam_of_bn.get(id(dep.layer))
+            if nam is not None and nam.bn.weight is not None:
+                mass = nam.bn.weight.detach().abs()[list(dep_idxs)].sum()
+                nam.pruned_mass = nam.pruned_mass + mass.to(nam.pruned_mass.dtype)
+        group.prune()
+    history = [
+        [name, bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.pruning_history()
+    ]
+    return history, threshold, removed
+
+
+def _cap(
+    pruner: Any, group: Any, scorer: _ScaleImportance, max_amount: float, round_to: int | None
+) -> tuple[Any, torch.Tensor | None]:
+    """Trim a group so its layer keeps at least ``1 - max_amount`` of its channels.
+
+    Torch-Pruning's global threshold can otherwise empty a layer in one step. Returns the
+    (possibly trimmed) group, or None, and the importance of every channel of the layer.
+    """
+    dep, idxs = group[0]
+    module, fn = dep.target.module, dep.handler
+    graph = pruner.DG
+    if graph.is_out_channel_pruning_fn(fn):
+        total = graph.get_out_channels(module)
+    else:
+        total = graph.get_in_channels(module)
+    scores = scorer(graph.get_pruning_group(module, fn, list(range(total))))
+    ch_groups = pruner._get_channel_groups(group)
+    group_size = total // ch_groups
+    bases = sorted({int(i) % group_size for i in idxs})
+    keep_min = max(1, math.ceil(group_size * (1 - max_amount) - 1e-9))
+    if round_to:
+        keep_min = max(round_to, math.ceil(keep_min / round_to) * round_to)
+    allowed = max(0, group_size - keep_min)
+    if len(bases) <= allowed:
+        return group, scores
+    if allowed == 0 or scores is None:
+        return None, scores
+    per_base = scores.view(ch_groups, -1).mean(0)
+    chosen = sorted(bases, key=lambda b: float(per_base[b]))[:allowed]
+    trimmed = sorted(b + g * group_size for g in range(ch_groups) for b in chosen)
+    return graph.get_pruning_group(module, fn, trimmed), scores
+
+
+def _solve_amount(
+    model: nn.Module,
+    example_inputs: Any,
+    flops_target: float,
+    flops_before: int,
+    snapshot: _Snapshot,
+    *args: Any,
+) -> float:
+    """Bisect the amount whose pruned model keeps ``flops_target`` of the FLOPs."""
+    low, high = 0.0, args[2]  # max_layer_amount bounds every layer, so the amount too
+    best = (math.inf, high)
+    for _ in range(14):
+        amount = (low + high) / 2
+        _prune(model, example_inputs, amount, *args)
+        ratio = count_flops(model, example_inputs) / flops_before
+        snapshot.restore()
+        best = min(best, (abs(ratio - flops_target), amount))
+        if abs(ratio - flops_target) <= 0.005:
+            break
+        if ratio > flops_target:
+            low = amount
+        else:
+            high = amount
+    if best[0] > 0.02:
+        raise ValueError(
+            f"`flops_target={flops_target}` cannot be reached within 2%: the closest is "
+            f"{flops_target + best[0]:.3f} or {flops_target - best[0]:.3f} of the FLOPs "
+            f"with max_layer_amount={args[2]}"
+        )
+    return best[1]
+
+
+def _output_layer(model: nn.Module, example_inputs: Any) -> nn.Module:
+    """The last parametrised leaf module that runs in the forward pass (the classifier)."""
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(m))
+        for m in model.modules()
+        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
+    try:
+        with eval_mode(model):
+            model(*as_args(example_inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not order:
+        raise ValueError(f"{type(model).__name__} ran no layer with parameters")
+    return order[-1]
+
+
+class _Snapshot:
+    """Every module's attributes, parameters, buffers and children, to undo a surgery.
+
+    Torch-Pruning replaces tensors and edits attributes, never writes into existing tensors, so
+    keeping the references is enough to restore the model exactly.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.states = []
+        for module in model.modules():
+            state = dict(module.__dict__)
+            for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                state[key] = type(state[key])(state[key])
+            self.states.append((module, state))
+
+    def restore(self) -> None:
+        for module, state in self.states:
+            module.__dict__.clear()
+            module.__dict__.update(state)
+            for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+                module.__dict__[key] = type(state[key])(state[key])
+
+
+def _check_arguments(
+    amount: Any,
+    flops_target: Any,
+    importance: Any,
+    scope: Any,
+    max_layer_amount: Any,
+    round_to: Any,
+) -> None:
+    if (amount is None) == (flops_target is None):
+        raise ValueError(
+            f"Give exactly one of `amount` and `flops_target`, got amount={amount!r}, "
+            f"flops_target={flops_target!r}"
+        )
+    for name, value in (("amount", amount), ("flops_target", flops_target)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1
+        ):
+            raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
+    if importance not in ("bn", "nam"):
+        raise ValueError(f"`importance` must be 'bn' or 'nam', got {importance!r}")
+    if scope not in ("global", "local"):
+        raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}")
+    if (
+        isinstance(max_layer_amount, bool)
+        or not isinstance(max_layer_amount, (int, float))
+        or not 0 < max_layer_amount < 1
+    ):
+        raise ValueError(
+            f"`max_layer_amount` must be a fraction in (0, 1), got {max_layer_amount!r}"
+        )
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise ValueError(f"`round_to` must be None or a positive int, got {round_to!r}")
+    if amount is not None and amount > max_layer_amount and scope == "local":
+        raise ValueError(
+            f"`amount={amount}` exceeds `max_layer_amount={max_layer_amount}` with scope='local'"
+        )
