@@ -5,6 +5,8 @@ Usage: python ddp_script.py OUT_DIR MODE, MODE one of
   reference     the loss adds lambda * l1_penalty
   spawn         NAMCallback under ddp_spawn (must fail before training)
   spawn-injected  inject_nam before fit, then NAMCallback under ddp_spawn (must work)
+  prune         NAMCallback(prune=0.5); saves each rank's pruned weights and a checkpoint
+  finetune      load_checkpoint of the pruned checkpoint, then fit again with DDP
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning_helpers import Classifier, tensors, trainer_kwargs
 
-from nam_lightning import NAMCallback, inject_nam
+from nam_lightning import NAMCallback, inject_nam, load_checkpoint
 
 LAMBDA = 1e-2
 
@@ -24,12 +26,17 @@ LAMBDA = 1e-2
 def main(out: Path, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
     strategy = "ddp_spawn" if mode.startswith("spawn") else "ddp"
-    model = Classifier(inject=mode == "reference", reference_lambda=LAMBDA if mode == "reference" else 0.0)
+    reference = mode == "reference"
+    model = Classifier(inject=reference, reference_lambda=LAMBDA if reference else 0.0)
     if mode == "spawn-injected":
         inject_nam(model)
-    callbacks = [] if mode == "reference" else [NAMCallback(LAMBDA)]
+    if mode == "finetune":
+        model = load_checkpoint(Classifier, out / "pruned.ckpt")
+    callbacks = [] if reference else [NAMCallback(LAMBDA, prune=0.5 if mode == "prune" else None)]
     trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(devices=2, strategy=strategy))
     trainer.fit(model)
+    if mode == "prune":
+        trainer.save_checkpoint(out / "pruned.ckpt")
     # Under ddp every rank reaches this line; under ddp_spawn only the main process does.
     rank = trainer.global_rank if strategy == "ddp" else "main"
     torch.save(tensors(model), out / f"{mode}_rank{rank}.pt")

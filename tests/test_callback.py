@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning_helpers import Classifier, ConfigureModelClassifier, tensors, trainer_kwargs
 
-from nam_lightning import NAMCallback, NAMChannelAttention, NAMSite, load_checkpoint
+from nam_lightning import NAMCallback, NAMChannelAttention, NAMSite, PruneConfig, load_checkpoint
 
 LAMBDA = 1e-2  # large enough that a missing or doubled penalty shows after a few steps
 
@@ -224,3 +224,43 @@ def test_targets_without_scale_factors_fail_before_training() -> None:
     trainer = pl.Trainer(callbacks=[NAMCallback(targets="bn")], **trainer_kwargs())
     with pytest.raises(ValueError, match="selects no BatchNorm scale factor"):
         trainer.fit(model)
+
+
+@pytest.mark.parametrize("example_array", [True, False])
+def test_prune_at_end_of_fit_then_finetune(example_array: bool) -> None:
+    callback = NAMCallback(LAMBDA, prune=PruneConfig(amount=0.5, round_to=2))
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    if not example_array:  # then the first training batch is the example
+        model.example_input_array = None
+    pl.Trainer(callbacks=[callback], **trainer_kwargs()).fit(model)
+    report = callback.report
+    assert report is not None and report.flops_after < report.flops_before
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert all(c % 2 == 0 for c in report.channels_after.values() if c != 10)
+    x = torch.randn(4, 3, 8, 8)
+    assert model(x).shape == (4, 10)
+
+    # Fine-tuning is a new fit, with the callback (without pruning) or without it.
+    for callbacks in ([NAMCallback(LAMBDA)], []):
+        before = tensors(model)
+        trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs())
+        trainer.fit(model)
+        assert trainer.global_step == 6
+        after = tensors(model)
+        assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+        assert not torch.equal(after["net.7.weight"], before["net.7.weight"])
+
+
+@pytest.mark.parametrize(
+    ("prune", "error", "match"),
+    [
+        (1.5, ValueError, r"`amount` must be a fraction in \(0, 1\), got 1.5"),
+        (0, ValueError, r"`amount` must be a fraction in \(0, 1\), got 0"),
+        ("half", TypeError, r"`prune` must be None, a fraction of channels to remove or a"),
+        (True, TypeError, r"`prune` must be None"),
+    ],
+)
+def test_bad_prune_argument(prune: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        NAMCallback(prune=prune)

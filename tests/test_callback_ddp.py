@@ -59,3 +59,23 @@ def test_ddp_spawn_works_when_nam_is_injected_first(tmp_path: Path, mode: str) -
     assert len(nam_running_vars) == 2
     # The main process got the trained NAM statistics back from the workers.
     assert all(not torch.equal(v, torch.ones_like(v)) for v in nam_running_vars)
+
+
+def test_ddp_prune_gives_identical_models_and_finetunes(tmp_path: Path) -> None:
+    done = run(tmp_path, "prune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "NAMCallback: pruned the model" in done.stdout + done.stderr
+    rank0, rank1 = load(tmp_path / "prune_rank0.pt"), load(tmp_path / "prune_rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert rank0[key].shape == rank1[key].shape, key
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    # Pruned: the first conv lost channels.
+    assert rank0["net.0.weight"].shape[0] < 8
+
+    done = run(tmp_path, "finetune")
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = load(tmp_path / "finetune_rank0.pt")
+    assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in rank0.items()}
+    assert not torch.equal(tuned["net.7.weight"], rank0["net.7.weight"])  # it trained

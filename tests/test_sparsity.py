@@ -351,9 +351,5 @@ def test_sparsity_of_nothing_is_zero() -> None:
     assert sparsity(iter([])).item() == 0.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: sparsity() returns NaN (0/0) when params are all zero-element tensors",
-)
 def test_sparsity_of_zero_element_params_is_zero() -> None:
     assert sparsity([torch.empty(0), torch.empty(0, 3)]).item() == 0.0
