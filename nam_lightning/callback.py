@@ -40,7 +40,7 @@ from .sparsity import (
     Targets,
     add_l1_subgradient_,
     check_targets,
-    l1_penalty,
+    l1_norm,
     scale_factors,
     sparsity,
 )
@@ -282,7 +282,7 @@ class NAMCallback(Callback):
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
         params = scale_factors(pl_module, self.targets)
         for name, value in (
-            ("nam/l1_penalty", self.lambda_ * l1_penalty(pl_module, self.targets)),
+            ("nam/l1_penalty", self.lambda_ * l1_norm(params)),
             ("nam/sparsity", sparsity(params, self.sparsity_threshold)),
         ):
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step)

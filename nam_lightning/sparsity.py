@@ -57,7 +57,11 @@ def l1_penalty(model: nn.Module, targets: Targets = "all") -> torch.Tensor:
         >>> l1_penalty(nn.Sequential(bn)).item()
         3.5
     """
-    params = scale_factors(model, targets)
+    return l1_norm(scale_factors(model, targets))
+
+
+def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """``sum |p|`` over a list of tensors, in one multi-tensor pass (0 for an empty list)."""
     if not params:
         return torch.zeros(())
     return torch.stack(torch._foreach_norm(params, 1)).sum()

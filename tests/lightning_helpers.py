@@ -35,7 +35,9 @@ def tiny_resnet(num_classes: int = 10) -> nn.Module:
 
 def random_data(n: int = 64, size: int = 8, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g))
+    return TensorDataset(
+        torch.randn(n, 3, size, size, generator=g), torch.randint(0, 10, (n,), generator=g)
+    )
 
 
 class Classifier(pl.LightningModule):

@@ -54,9 +54,7 @@ CONFIGS = {
 def test_penalty_equals_loss_term(config: str) -> None:
     module_kwargs, trainer_overrides = CONFIGS[config]
     plugins = trainer_overrides.get("plugins")
-    with_callback = fit(
-        dict(module_kwargs), NAMCallback(LAMBDA), **trainer_overrides
-    )
+    with_callback = fit(dict(module_kwargs), NAMCallback(LAMBDA), **trainer_overrides)
     if plugins:  # a GradScaler is stateful: use a fresh one for the reference run
         trainer_overrides = {**trainer_overrides, "plugins": gradscaler_plugin()}
     reference = fit(
@@ -85,17 +83,23 @@ def test_nam_is_injected_before_the_optimizer_is_built() -> None:
     model = fit({}, NAMCallback(LAMBDA))
     sites = [m for m in model.modules() if isinstance(m, NAMSite)]
     assert len(sites) == 2
-    optimizer_params = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
+    optimizer_params = {
+        id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]
+    }
     for site in sites:
         assert id(site.nam.channel.bn.weight) in optimizer_params
         # NAM's BN trained: its running statistics moved away from their init.
-        assert not torch.equal(site.nam.channel.bn.running_var, torch.ones_like(site.nam.channel.bn.running_var))
+        assert not torch.equal(
+            site.nam.channel.bn.running_var, torch.ones_like(site.nam.channel.bn.running_var)
+        )
 
 
 def test_layers_built_in_configure_model_get_nam() -> None:
     model = fit({"cls": ConfigureModelClassifier}, NAMCallback(LAMBDA))
     assert sum(isinstance(m, NAMSite) for m in model.modules()) == 2
-    optimizer_params = {id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]}
+    optimizer_params = {
+        id(p) for g in model.trainer.optimizers[0].param_groups for p in g["params"]
+    }
     nam_weights = [m.bn.weight for m in model.modules() if isinstance(m, NAMChannelAttention)]
     assert all(id(w) in optimizer_params for w in nam_weights)
     assert "configure_model" not in vars(model)  # the temporary wrapper is gone again
