@@ -257,6 +257,8 @@ def _prune(
         if group is None:
             continue
         idxs = [int(i) for i in group[0][1]]
+        if not idxs:
+            continue
         if scores is not None:
             # grouped convolutions rank a channel by its mean over the channel groups
             per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)

@@ -1,0 +1,246 @@
+"""``nam-lightning``: the command line, built on LightningCLI (every option also from YAML).
+
+    nam-lightning run                      # digits + small ResNet + NAM: train, prune, fine-tune
+    nam-lightning run --model.backbone resnet18 --model.cifar_stem true \\
+        --data nam_lightning.data.CIFARDataModule --data.root ./data
+    nam-lightning fit / validate / test    # as LightningCLI has them, with NAM and its penalty
+    nam-lightning prune --ckpt_path train.ckpt
+    nam-lightning finetune --ckpt_path pruned.ckpt
+    nam-lightning run --print_config       # the full configuration, as YAML
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
+from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_info
+
+from .callback import NAMCallback
+from .checkpoint import load_checkpoint
+from .data import DigitsDataModule
+from .models import ImageClassifier
+from .pipeline import check_run_dir, example_batch, render_markdown, run_pipeline
+from .pruning import PruneConfig, prune_channels
+
+PIPELINE_COMMANDS = ("run", "prune", "finetune")
+
+
+def default_run_dir() -> str:
+    return f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+class NAMLightningCLI(LightningCLI):
+    """LightningCLI with NAM on every training command and the pipeline commands added."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            **LightningCLI.subcommands(),
+            "run": {"model", "datamodule"},
+            "prune": {"model", "datamodule"},
+            "finetune": {"model", "datamodule"},
+        }
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # As LightningCLI's, except that the pipeline commands are methods of this class (their
+        # arguments are read from these signatures), not of the Trainer.
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        parser_subcommands = parser.add_subcommands()
+        for subcommand in self.subcommands():
+            klass = type(self) if subcommand in PIPELINE_COMMANDS else self.trainer_class
+            assert isinstance(klass, type)
+            description = _get_short_description(getattr(klass, subcommand))
+            subparser_kwargs = kwargs.get(subcommand, {})
+            subparser_kwargs.setdefault("description", description)
+            subcommand_parser = self._prepare_subcommand_parser(
+                klass, subcommand, **subparser_kwargs
+            )
+            self._subcommand_parsers[subcommand] = subcommand_parser
+            parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in PIPELINE_COMMANDS:
+            getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
+        else:
+            super()._run_subcommand(subcommand)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(
+            NAMCallback, "nam", fail_untyped=False, sub_configs=True, skip={"prune"}
+        )
+        parser.callback_keys.append("nam")
+        parser.add_class_arguments(PruneConfig, "pruning", fail_untyped=False)
+        parser.set_defaults(
+            {
+                "pruning.flops_target": 0.4,
+                "data": {"class_path": "nam_lightning.data.DigitsDataModule"},
+            }
+        )
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        trainer = config["trainer"]
+        if self.subcommand in PIPELINE_COMMANDS:
+            if config.get("run_dir") is None:
+                config["run_dir"] = default_run_dir()
+            check_run_dir(config["run_dir"], config.get("overwrite", False))
+        if torch.cuda.is_available() and trainer.get("accelerator") in ("auto", "gpu", "cuda"):
+            devices = trainer.get("devices", "auto")
+            count = torch.cuda.device_count() if devices in ("auto", -1, "-1") else devices
+            if isinstance(count, int) and count > 1:
+                trainer["sync_batchnorm"] = True
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        if self.subcommand in PIPELINE_COMMANDS:
+            return self._stage_trainer("train" if self.subcommand == "run" else self.subcommand)
+        return super().instantiate_trainer(**kwargs)
+
+    def _config(self) -> Any:
+        return self.config_init.get(str(self.subcommand), self.config_init)
+
+    def _stage_trainer(self, stage: str, sparsity: bool = True) -> pl.Trainer:
+        """A Trainer for one pipeline stage, logging under ``run_dir/stage``."""
+        config = self._config()
+        run_dir = Path(config["run_dir"])
+        trainer_config = dict(config["trainer"])
+        if stage == "finetune":
+            trainer_config["max_epochs"] = config.get("finetune_epochs", 15)
+        trainer_config["default_root_dir"] = str(run_dir / stage)
+        loggers: list[Logger] = [CSVLogger(run_dir / stage, name="", version="")]
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(run_dir / stage, name="tb", version=""))
+        except ModuleNotFoundError:
+            pass
+        trainer_config["logger"] = loggers
+        callbacks = [c for c in (trainer_config.get("callbacks") or []) if c is not None]
+        callbacks = [c for c in callbacks if not isinstance(c, (NAMCallback, ModelCheckpoint))]
+        if sparsity:
+            callbacks.append(config["nam"])
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / stage, save_last=True))
+        trainer_config["callbacks"] = callbacks
+        return self.trainer_class(**trainer_config)
+
+    def run(
+        self,
+        model: ImageClassifier,
+        datamodule: pl.LightningDataModule,
+        finetune_epochs: int = 15,
+        run_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Train with NAM and the L1 penalty, prune, fine-tune, test each stage, write a report.
+
+        Args:
+            finetune_epochs: epochs of fine-tuning after pruning.
+            run_dir: where artifacts go (default: runs/<date-time>).
+            overwrite: replace the artifacts of an existing run directory.
+        """
+        assert run_dir is not None
+        config = self._config()
+        summary = run_pipeline(
+            model,
+            datamodule,
+            lambda stage, sparsity: self._stage_trainer(stage, sparsity),
+            config["pruning"],
+            Path(run_dir),
+        )
+        rank_zero_info(f"\n{render_markdown(summary)}\nArtifacts in {run_dir}/")
+
+    def prune(
+        self,
+        model: ImageClassifier,
+        datamodule: pl.LightningDataModule,
+        ckpt_path: str,
+        run_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Prune a model trained with ``fit`` and save it as ``run_dir/pruned.ckpt``.
+
+        Args:
+            ckpt_path: the checkpoint written by ``nam-lightning fit``.
+            run_dir: where artifacts go (default: runs/<date-time>).
+            overwrite: replace the artifacts of an existing run directory.
+        """
+        assert run_dir is not None
+        config = self._config()
+        trained = load_checkpoint(type(model), ckpt_path)
+        pruning = config["pruning"]
+        report = prune_channels(
+            trained,
+            example_batch(datamodule),
+            pruning.amount,
+            flops_target=pruning.flops_target,
+            importance=pruning.importance,
+            scope=pruning.scope,
+            max_layer_amount=pruning.max_layer_amount,
+            round_to=pruning.round_to,
+        )
+        self.trainer.strategy.connect(trained)
+        self.trainer.save_checkpoint(Path(run_dir) / "pruned.ckpt", weights_only=True)
+        (Path(run_dir) / "prune_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        rank_zero_info(f"{report}\nSaved {run_dir}/pruned.ckpt")
+
+    def finetune(
+        self,
+        model: ImageClassifier,
+        datamodule: pl.LightningDataModule,
+        ckpt_path: str,
+        run_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Fine-tune a pruned checkpoint (no sparsity penalty), then test it.
+
+        Args:
+            ckpt_path: the checkpoint written by ``nam-lightning prune`` (or ``run``).
+            run_dir: where artifacts go (default: runs/<date-time>).
+            overwrite: replace the artifacts of an existing run directory.
+        """
+        assert run_dir is not None
+        pruned = load_checkpoint(type(model), ckpt_path)
+        trainer = self._stage_trainer("finetune", sparsity=False)
+        trainer.fit(pruned, datamodule=datamodule)
+        trainer.test(pruned, datamodule=datamodule)
+        trainer.save_checkpoint(Path(run_dir) / "finetuned.ckpt")
+
+
+def main(args: Any = None) -> None:
+    """Entry point of the ``nam-lightning`` console script."""
+    NAMLightningCLI(
+        ImageClassifier,
+        DigitsDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={
+            "max_epochs": 30,
+            "accelerator": "auto",
+            "devices": "auto",
+            "precision": _default_precision(),
+            "benchmark": torch.cuda.is_available(),
+            "log_every_n_steps": 10,
+        },
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def _default_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Image classifiers for the command line: any torchvision model by name, or a small ResNet.
+
+:class:`ImageClassifier` is an ordinary LightningModule (cross-entropy, SGD with cosine decay,
+torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAMCallback`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+SMALL_RESNET = "small_resnet"
+
+
+def small_resnet(
+    num_classes: int = 10, in_channels: int = 3, widths: tuple[int, ...] = (32, 64, 128)
+) -> nn.Module:
+    """A CIFAR-style ResNet: a 3x3 stem and one torchvision BasicBlock per stage.
+
+    Small inputs (8x8 digits, 32x32 CIFAR) keep their resolution through a stride-1 stem; each
+    later stage halves it. ``sites="auto"`` finds one NAM site per block.
+    """
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+    ]
+    channels = widths[0]
+    for i, width in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        downsample = None
+        if stride != 1 or channels != width:
+            downsample = nn.Sequential(
+                nn.Conv2d(channels, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+            )
+        layers.append(BasicBlock(channels, width, stride, downsample))
+        channels = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_backbone(
+    name: str, num_classes: int, in_channels: int = 3, cifar_stem: bool = False
+) -> nn.Module:
+    """``small_resnet`` or a torchvision classification model by name (random weights)."""
+    if name == SMALL_RESNET:
+        return small_resnet(num_classes, in_channels)
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise ValueError(
+            f"`backbone` {name!r} is not a torchvision classification model; valid: "
+            f"{SMALL_RESNET!r} or one of {available}"
+        )
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and (cifar_stem or in_channels != 3):
+        conv = model.get_submodule(first)
+        kernel, stride, padding = (
+            ((3, 3), (1, 1), (1, 1))
+            if cifar_stem
+            else (conv.kernel_size, conv.stride, conv.padding)
+        )
+        new = nn.Conv2d(in_channels, conv.out_channels, kernel, stride, padding, bias=False)
+        parent, _, child = first.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    if cifar_stem and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+    return model
+
+
+class ImageClassifier(pl.LightningModule):
+    """A classifier for the ``nam-lightning`` command.
+
+    Args:
+        backbone: ``"small_resnet"`` or the name of a torchvision classification model
+            (``resnet50``, ``mobilenet_v2``, ...), built with random weights.
+        num_classes: output classes (linked to the data by the command line).
+        in_channels: input channels (linked to the data by the command line).
+        cifar_stem: for torchvision models on small images: a 3x3 stride-1 first conv and no
+            max-pool.
+        lr: peak SGD learning rate (cosine decay to 0 over the run).
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay (not applied to BatchNorm scale factors, which carry the
+            L1 sparsity penalty instead).
+        channels_last: use the channels-last memory format (faster convolutions on GPUs).
+    """
+
+    def __init__(
+        self,
+        backbone: str = SMALL_RESNET,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        cifar_stem: bool = False,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_backbone(backbone, num_classes, in_channels, cifar_stem)
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        metric = torchmetrics.classification.MulticlassAccuracy
+        self.train_acc = metric(num_classes, average="micro")
+        self.val_acc = metric(num_classes, average="micro")
+        self.test_acc = metric(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.hparams["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self(x), y)
+        self.log("test/acc", self.test_acc)
+
+    def configure_optimizers(self) -> Any:
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                bn = isinstance(module, nn.modules.batchnorm._BatchNorm)
+                (no_decay if bn or name == "bias" else decay).append(param)
+        optimizer = torch.optim.SGD(
+            [
+                {"params": decay, "weight_decay": self.hparams["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams["lr"],
+            momentum=self.hparams["momentum"],
+            nesterov=True,
+        )
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=self.hparams["lr"], total_steps=steps, pct_start=0.15
+        )
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]

@@ -1,0 +1,272 @@
+"""The whole job behind ``nam-lightning run``: train with NAM -> prune -> fine-tune -> report.
+
+Every stage is measured the same way (held-out test accuracy, parameters, FLOPs, latency on one
+batch), and the run directory receives ``report.json``, ``report.md``, the pruned and fine-tuned
+checkpoints, an exported model and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from .pruning import PruneConfig, prune_channels
+from .report import PruneReport, count_flops, count_params, measure_latency
+from .sparsity import scale_factors
+
+
+@dataclass
+class Stage:
+    """One row of the report."""
+
+    name: str
+    test_acc: float
+    params: int
+    flops: int
+    latency_ms: float
+
+
+def check_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse to write into a run directory that already has artifacts, unless told to."""
+    path = Path(run_dir)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"`run_dir` {str(path)!r} already holds a run; pick another directory or pass "
+            "--overwrite=true to replace its artifacts."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def example_batch(datamodule: pl.LightningDataModule, size: int = 32) -> torch.Tensor:
+    """Up to ``size`` test images: the batch used for FLOPs, latency and tracing."""
+    datamodule.setup("test")
+    x, _ = next(iter(datamodule.test_dataloader()))
+    return x[:size]
+
+
+def measure_stage(
+    name: str, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, batch: torch.Tensor
+) -> Stage:
+    result = trainer.test(model, datamodule=datamodule, verbose=False)
+    acc = float(result[0]["test/acc"]) if result else math.nan
+    model.cpu()
+    return Stage(
+        name=name,
+        test_acc=acc,
+        params=count_params(model),
+        flops=count_flops(model, batch),
+        latency_ms=1e3 * measure_latency(model, batch, repeats=10),
+    )
+
+
+def run_pipeline(
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    make_trainer: Callable[[str, bool], pl.Trainer],
+    pruning: PruneConfig,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Train with sparsity, prune, fine-tune; measure each stage and write the artifacts.
+
+    ``make_trainer(stage, sparsity)`` builds the Trainer of a stage (``"train"`` with the
+    NAM callback and its penalty, ``"finetune"`` without the penalty).
+    """
+    batch = example_batch(datamodule)
+    gammas_init = _backbone_gammas(model)  # before NAM is injected: the backbone's own
+    trainer = make_trainer("train", True)
+    trainer.fit(model, datamodule=datamodule)
+    stages = [measure_stage("trained", trainer, model, datamodule, batch)]
+    gammas_trained = _backbone_gammas(model)
+
+    report = prune_channels(
+        model,
+        batch,
+        pruning.amount,
+        flops_target=pruning.flops_target,
+        importance=pruning.importance,
+        scope=pruning.scope,
+        max_layer_amount=pruning.max_layer_amount,
+        round_to=pruning.round_to,
+        measure=False,
+    )
+    stages.append(measure_stage("pruned", trainer, model, datamodule, batch))
+    trainer.save_checkpoint(run_dir / "pruned.ckpt")
+
+    finetuner = make_trainer("finetune", False)
+    finetuner.fit(model, datamodule=datamodule)
+    stages.append(measure_stage("fine-tuned", finetuner, model, datamodule, batch))
+    finetuner.save_checkpoint(run_dir / "finetuned.ckpt")
+
+    summary: dict[str, Any] = {
+        "stages": [asdict(s) for s in stages],
+        "flops_reduction": stages[0].flops / stages[-1].flops,
+        "params_reduction": stages[0].params / stages[-1].params,
+        "speedup": stages[0].latency_ms / stages[-1].latency_ms,
+        "pruning": report.to_dict(),
+        "batch_shape": list(batch.shape),
+    }
+    if trainer.is_global_zero:
+        summary["export"] = export_model(model, batch, run_dir)
+        summary["plots"] = write_plots(
+            run_dir, gammas_init, gammas_trained, report, _metrics_files(run_dir)
+        )
+        (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
+        (run_dir / "report.md").write_text(render_markdown(summary))
+    return summary
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    """The one-screen summary: a table of the stages and the headline ratios."""
+    lines = [
+        "| stage | test accuracy | params | FLOPs | latency (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for s in summary["stages"]:
+        lines.append(
+            f"| {s['name']} | {100 * s['test_acc']:.2f}% | {s['params']:,} | {s['flops']:,} "
+            f"| {s['latency_ms']:.2f} |"
+        )
+    batch = "x".join(map(str, summary["batch_shape"]))
+    lines += [
+        "",
+        f"FLOPs {summary['flops_reduction']:.2f}x fewer, parameters "
+        f"{summary['params_reduction']:.2f}x fewer, latency {summary['speedup']:.2f}x lower "
+        f"(batch {batch}, CPU, eval mode, median of 10).",
+        f"Pruning threshold (|gamma|): {summary['pruning']['threshold']:.4g}; removed "
+        f"{summary['pruning']['removed_channels']} channels.",
+    ]
+    if "export" in summary:
+        lines.append(f"Exported: {summary['export']}")
+    return "\n".join(lines) + "\n"
+
+
+def export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
+    """ONNX (checked against PyTorch with onnxruntime when installed), else ``torch.export``."""
+    model = model.cpu().eval()
+    example = batch[:2]
+    path = run_dir / "model.onnx"
+    try:
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamo=True,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        )
+    except Exception:  # no onnx/onnxscript installed: the torch.export program instead
+        if path.exists():
+            path.unlink()
+        program = torch.export.export(model, (example,))
+        torch.export.save(program, run_dir / "model.pt2")
+        return "model.pt2 (torch.export)"
+    try:
+        import onnxruntime
+    except ImportError:
+        return "model.onnx (not checked: onnxruntime is not installed)"
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": batch.numpy()})
+    with torch.no_grad():
+        want = model(batch)
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
+    return "model.onnx (outputs match PyTorch under onnxruntime)"
+
+
+def _backbone_gammas(model: nn.Module) -> torch.Tensor:
+    return torch.cat([g.detach().abs().flatten().cpu() for g in scale_factors(model, "bn")])
+
+
+def _metrics_files(run_dir: Path) -> dict[str, Path | None]:
+    return {
+        stage: next(iter(sorted((run_dir / stage).rglob("metrics.csv"))), None)
+        for stage in ("train", "finetune")
+        if (run_dir / stage).exists()
+    }
+
+
+def write_plots(
+    run_dir: Path,
+    gammas_init: torch.Tensor,
+    gammas_trained: torch.Tensor,
+    report: PruneReport,
+    metrics: dict[str, Any],
+) -> list[str]:
+    """The |gamma| distribution, channels kept per layer, and accuracy over epochs, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    top = float(max(gammas_init.max(), gammas_trained.max()))
+    bins = torch.linspace(0, top * 1.02, 60).tolist()
+    ax.hist(gammas_init.tolist(), bins=bins, alpha=0.6, label="before sparsity training")
+    ax.hist(gammas_trained.tolist(), bins=bins, alpha=0.6, label="after sparsity training")
+    if report.threshold is not None:
+        ax.axvline(report.threshold, color="red", linestyle="--", label="pruning threshold")
+    ax.set_xlabel("|gamma| of backbone BatchNorm channels")
+    ax.set_ylabel("channels")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("BatchNorm scale factors")
+    fig.tight_layout()
+    fig.savefig(run_dir / "gamma_hist.png", dpi=100)
+    plt.close(fig)
+    written.append("gamma_hist.png")
+
+    names = [n for n in report.channels_before if n in report.channels_after]
+    fig, ax = plt.subplots(figsize=(max(7, 0.3 * len(names)), 4))
+    xs = range(len(names))
+    ax.bar(xs, [report.channels_before[n] for n in names], color="lightgray", label="before")
+    ax.bar(xs, [report.channels_after[n] for n in names], color="tab:blue", label="kept")
+    ax.set_xticks(list(xs), names, rotation=90, fontsize=7)
+    ax.set_ylabel("output channels")
+    ax.set_title("Channels kept per layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "channels.png", dpi=100)
+    plt.close(fig)
+    written.append("channels.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for stage, path in metrics.items():
+        if path is None:
+            continue
+        epochs, accs = _read_metric(path, "val/acc")
+        ax.plot([offset + e + 1 for e in epochs], accs, marker="o", ms=3, label=stage)
+        offset += len(epochs)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Accuracy over epochs (train with sparsity, then fine-tune)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy.png", dpi=100)
+    plt.close(fig)
+    written.append("accuracy.png")
+    return written
+
+
+def _read_metric(path: Path, key: str) -> tuple[list[int], list[float]]:
+    import csv
+
+    epochs, values = [], []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get(key):
+                epochs.append(int(row["epoch"]))
+                values.append(float(row[key]))
+    return epochs, values
