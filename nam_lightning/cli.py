@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,16 @@ PIPELINE_COMMANDS = ("run", "prune", "finetune")
 
 
 def default_run_dir() -> str:
-    return f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    """``runs/<date-time>``, shared through the environment with the DDP worker processes
+    (Lightning's launcher starts them by re-running this command)."""
+    return os.environ.setdefault(
+        "NAM_LIGHTNING_RUN_DIR", f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    )
+
+
+def _is_launched_worker() -> bool:
+    """A process started by a DDP launcher for a rank other than 0 (it re-runs the command)."""
+    return any(int(os.environ.get(k, "0")) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 class NAMLightningCLI(LightningCLI):
@@ -93,7 +103,8 @@ class NAMLightningCLI(LightningCLI):
         if self.subcommand in PIPELINE_COMMANDS:
             if config.get("run_dir") is None:
                 config["run_dir"] = default_run_dir()
-            check_run_dir(config["run_dir"], config.get("overwrite", False))
+            if not _is_launched_worker():
+                check_run_dir(config["run_dir"], config.get("overwrite", False))
         if torch.cuda.is_available() and trainer.get("accelerator") in ("auto", "gpu", "cuda"):
             devices = trainer.get("devices", "auto")
             count = torch.cuda.device_count() if devices in ("auto", -1, "-1") else devices
@@ -114,7 +125,7 @@ class NAMLightningCLI(LightningCLI):
         run_dir = Path(config["run_dir"])
         trainer_config = dict(config["trainer"])
         if stage == "finetune":
-            trainer_config["max_epochs"] = config.get("finetune_epochs", 15)
+            trainer_config["max_epochs"] = config.get("finetune_epochs", 10)
         trainer_config["default_root_dir"] = str(run_dir / stage)
         loggers: list[Logger] = [CSVLogger(run_dir / stage, name="", version="")]
         try:
@@ -136,7 +147,7 @@ class NAMLightningCLI(LightningCLI):
         self,
         model: ImageClassifier,
         datamodule: pl.LightningDataModule,
-        finetune_epochs: int = 15,
+        finetune_epochs: int = 10,
         run_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -222,7 +233,7 @@ def main(args: Any = None) -> None:
         DigitsDataModule,
         subclass_mode_data=True,
         trainer_defaults={
-            "max_epochs": 30,
+            "max_epochs": 20,
             "accelerator": "auto",
             "devices": "auto",
             "precision": _default_precision(),
