@@ -124,8 +124,8 @@ class NAMLightningCLI(LightningCLI):
         config = self._config()
         run_dir = Path(config["run_dir"])
         trainer_config = dict(config["trainer"])
-        if stage == "finetune":
-            trainer_config["max_epochs"] = config.get("finetune_epochs", 10)
+        if stage == "finetune" and "finetune_epochs" in config:  # in `run`; `finetune` uses
+            trainer_config["max_epochs"] = config["finetune_epochs"]  # --trainer.max_epochs
         trainer_config["default_root_dir"] = str(run_dir / stage)
         loggers: list[Logger] = [CSVLogger(run_dir / stage, name="", version="")]
         try:
