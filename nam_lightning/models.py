@@ -6,6 +6,7 @@ torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAM
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -90,6 +91,9 @@ class ImageClassifier(pl.LightningModule):
         weight_decay: SGD weight decay (not applied to BatchNorm scale factors, which carry the
             L1 sparsity penalty instead).
         channels_last: use the channels-last memory format (faster convolutions on GPUs).
+        compile: run the training, validation and test steps through ``torch.compile``.
+            ``forward`` stays eager, so pruning, FLOP counting and export see plain modules;
+            NAM injection and pruning trigger a recompile on the next step.
     """
 
     def __init__(
@@ -102,12 +106,16 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, cifar_stem)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        # Not a submodule (that would add state-dict keys): a compiled view of self.net.
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None
+        object.__setattr__(self, "_compiled", torch.compile(self.net) if compile else None)
         metric = torchmetrics.classification.MulticlassAccuracy
         self.train_acc = metric(num_classes, average="micro")
         self.val_acc = metric(num_classes, average="micro")
@@ -118,9 +126,16 @@ class ImageClassifier(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None:
+            return self(x)
+        if self.hparams["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._compiled(x)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x)
         loss = F.cross_entropy(logits, y)
         self.train_acc(logits, y)
         self.log("train/loss", loss, prog_bar=True)
@@ -129,14 +144,14 @@ class ImageClassifier(pl.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        logits = self(x)
+        logits = self._logits(x)
         self.val_acc(logits, y)
         self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self(x), y)
+        self.test_acc(self._logits(x), y)
         self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
