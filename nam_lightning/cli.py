@@ -26,20 +26,22 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .callback import NAMCallback
 from .checkpoint import load_checkpoint
-from .data import DigitsDataModule
 from .models import ImageClassifier
 from .pipeline import check_run_dir, example_batch, render_markdown, run_pipeline
 from .pruning import PruneConfig, prune_channels
 
 PIPELINE_COMMANDS = ("run", "prune", "finetune")
+RUN_DIR_ENV = "NAM_LIGHTNING_RUN_DIR"
+DEFAULT_FLOPS_TARGET = 0.4
 
 
 def default_run_dir() -> str:
-    """``runs/<date-time>``, shared through the environment with the DDP worker processes
-    (Lightning's launcher starts them by re-running this command)."""
-    return os.environ.setdefault(
-        "NAM_LIGHTNING_RUN_DIR", f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    )
+    """``runs/<date-time>``, passed through the environment to the DDP worker processes
+    (Lightning's launcher starts them by re-running this command a moment later)."""
+    if _is_launched_worker() and RUN_DIR_ENV in os.environ:
+        return os.environ[RUN_DIR_ENV]
+    os.environ[RUN_DIR_ENV] = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return os.environ[RUN_DIR_ENV]
 
 
 def _is_launched_worker() -> bool:
@@ -88,11 +90,11 @@ class NAMLightningCLI(LightningCLI):
         )
         parser.callback_keys.append("nam")
         parser.add_class_arguments(PruneConfig, "pruning", fail_untyped=False)
+        # The default job is short (20 epochs of 20 steps), so its penalty is stronger than the
+        # paper's 1e-4 over ~60k steps: the scale factors must reach ~0 within the run.
+        digits = {"class_path": "nam_lightning.data.DigitsDataModule"}
         parser.set_defaults(
-            {
-                "pruning.flops_target": 0.4,
-                "data": {"class_path": "nam_lightning.data.DigitsDataModule"},
-            }
+            {"nam.lambda_": 1e-2, "pruning.flops_target": DEFAULT_FLOPS_TARGET, "data": digits}
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
@@ -100,6 +102,14 @@ class NAMLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         trainer = config["trainer"]
+        pruning = config.get("pruning")
+        # --pruning.amount replaces the default FLOPs target rather than conflicting with it
+        if (
+            pruning
+            and pruning.get("amount") is not None
+            and pruning.get("flops_target") == DEFAULT_FLOPS_TARGET
+        ):
+            pruning["flops_target"] = None
         if self.subcommand in PIPELINE_COMMANDS:
             if config.get("run_dir") is None:
                 config["run_dir"] = default_run_dir()
@@ -110,6 +120,12 @@ class NAMLightningCLI(LightningCLI):
             count = torch.cuda.device_count() if devices in ("auto", -1, "-1") else devices
             if isinstance(count, int) and count > 1:
                 trainer["sync_batchnorm"] = True
+
+    def after_instantiate_classes(self) -> None:
+        # Only once every option was accepted: a bad option leaves the run directory empty.
+        if self.subcommand in PIPELINE_COMMANDS and not _is_launched_worker():
+            run_dir = Path(self._config()["run_dir"])
+            self.parser.save(self.config, run_dir / "config.yaml", overwrite=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         if self.subcommand in PIPELINE_COMMANDS:
@@ -139,7 +155,7 @@ class NAMLightningCLI(LightningCLI):
         callbacks = [c for c in callbacks if not isinstance(c, (NAMCallback, ModelCheckpoint))]
         if sparsity:
             callbacks.append(config["nam"])
-        callbacks.append(ModelCheckpoint(dirpath=run_dir / stage, save_last=True))
+        callbacks.append(ModelCheckpoint(dirpath=run_dir / stage / "checkpoints", save_last=True))
         trainer_config["callbacks"] = callbacks
         return self.trainer_class(**trainer_config)
 
@@ -230,7 +246,7 @@ def main(args: Any = None) -> None:
     """Entry point of the ``nam-lightning`` console script."""
     NAMLightningCLI(
         ImageClassifier,
-        DigitsDataModule,
+        pl.LightningDataModule,  # any data module; digits is the default (set_defaults)
         subclass_mode_data=True,
         trainer_defaults={
             "max_epochs": 20,

@@ -51,6 +51,9 @@ class _Base(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader[Any]:
         return self._loader(self.test_set, shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader[Any]:
+        return self._loader(self.test_set, shuffle=False)
+
 
 class DigitsDataModule(_Base):
     """scikit-learn's bundled handwritten digits: 1,797 8x8 grey images, 10 classes, no download.
@@ -130,6 +133,19 @@ class CIFARDataModule(_Base):
         self.root, self.variant, self.download, self.val_size = root, variant, download, val_size
         self.num_classes = variant
         self.num_channels = 3
+        if not download and not (Path(root) / self._folder).is_dir():
+            raise self._missing()
+
+    @property
+    def _folder(self) -> str:
+        return "cifar-10-batches-py" if self.variant == 10 else "cifar-100-python"
+
+    def _missing(self) -> FileNotFoundError:
+        return FileNotFoundError(
+            f"CIFAR-{self.variant} is not in {os.path.abspath(self.root)!r}: put the extracted "
+            f"{self._folder!r} folder there (from the official tar.gz), or pass "
+            "--data.download=true on a machine with internet."
+        )
 
     def prepare_data(self) -> None:
         self._dataset(train=True, transform=None)
@@ -139,13 +155,8 @@ class CIFARDataModule(_Base):
         cls = datasets.CIFAR10 if self.variant == 10 else datasets.CIFAR100
         try:
             return cls(self.root, train=train, transform=transform, download=self.download)
-        except RuntimeError as err:
-            folder = "cifar-10-batches-py" if self.variant == 10 else "cifar-100-python"
-            raise FileNotFoundError(
-                f"CIFAR-{self.variant} is not in {os.path.abspath(self.root)!r}: put the "
-                f"extracted {folder!r} folder there (from the official tar.gz), or pass "
-                f"--data.download=true on a machine with internet. ({err})"
-            ) from err
+        except RuntimeError as err:  # missing or corrupted files
+            raise self._missing() from err
 
     def setup(self, stage: str) -> None:
         mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

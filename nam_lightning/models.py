@@ -154,6 +154,11 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc(self._logits(x), y)
         self.log("test/acc", self.test_acc)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Predicted class of each image (the labels of the batch, if any, are ignored)."""
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self._logits(x).argmax(dim=1)
+
     def configure_optimizers(self) -> Any:
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []

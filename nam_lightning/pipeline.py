@@ -142,12 +142,16 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"FLOPs {summary['flops_reduction']:.2f}x fewer, parameters "
         f"{summary['params_reduction']:.2f}x fewer, latency {summary['speedup']:.2f}x lower "
         f"(batch {batch}, CPU, eval mode, median of 10).",
-        f"Pruning threshold (|gamma|): {summary['pruning']['threshold']:.4g}; removed "
+        f"Pruning threshold (|gamma|): {_fmt(summary['pruning']['threshold'])}; removed "
         f"{summary['pruning']['removed_channels']} channels.",
     ]
     if "export" in summary:
         lines.append(f"Exported: {summary['export']}")
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 def export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:

@@ -17,9 +17,10 @@ Liu et al., "Learning Efficient Convolutional Networks through Network Slimming"
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import NAMChannelAttention, NAMSpatialAttention
+from .attention import NAM, NAMChannelAttention
 from .record import PRUNING_ATTR, attach_record
 from .report import (
     PruneReport,
@@ -135,8 +136,6 @@ def prune_channels(
     channels_before = layer_channels(model)
     latency_before = measure_latency(model, example_inputs) if measure else None
     ignored.append(_output_layer(model, example_inputs))
-    # Spatial attention has one scale factor per position, not per channel: never pruned.
-    ignored += [m for m in model.modules() if isinstance(m, NAMSpatialAttention)]
 
     snapshot = _Snapshot(model)
     try:
@@ -192,9 +191,10 @@ def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
     """Redo recorded pruning passes on a freshly built model (for loading checkpoints)."""
     for step in record["passes"]:
         inputs = tuple(torch.zeros(shape) for shape in step["input_shapes"])
-        with eval_mode(model, grad=True):
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
-        graph.load_pruning_history([tuple(h) for h in step["history"]])
+        with _without_spatial_attention(model):
+            with eval_mode(model, grad=True):
+                graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+            graph.load_pruning_history([tuple(h) for h in step["history"]])
     setattr(model, PRUNING_ATTR, record)
     attach_record(model)
 
@@ -225,6 +225,19 @@ class _ScaleImportance(tp.importance.Importance):
             return None
         return self._reduce(scores, roots)
 
+    def ranked(self, group: Any) -> torch.Tensor | None:
+        """The scores with exact ties broken by relative channel position (< 1e-9).
+
+        Torch-Pruning removes every channel whose score is <= the threshold; with ties at the
+        threshold (an untrained model: every gamma is 1) that is the whole layer, which it then
+        refuses, so nothing would be pruned.
+        """
+        scores = self(group)
+        if scores is None:
+            return None
+        position = torch.arange(len(scores), dtype=torch.float64) / len(scores)
+        return scores.double() + 1e-9 * position  # tied layers then lose the same fraction
+
 
 def _prune(
     model: nn.Module,
@@ -237,24 +250,70 @@ def _prune(
     ignored: list[nn.Module],
 ) -> tuple[list[list[Any]], float | None, int]:
     """One pruning pass; returns the history, the threshold used and the channels removed."""
+    with _without_spatial_attention(model):
+        return _prune_channels_only(
+            model, example_inputs, amount, importance, scope, max_layer_amount, round_to, ignored
+        )
+
+
+@contextlib.contextmanager
+def _without_spatial_attention(model: nn.Module) -> Iterator[None]:
+    """Take NAM's spatial attention out while the dependency graph is traced and cut.
+
+    It has one scale factor per position, none per channel, so it never needs pruning; but its
+    BatchNorm sees the channels folded into the batch by a reshape, which the dependency graph
+    cannot follow: left in, it would mark every channel group it touches unprunable.
+    """
+    held = {nam: nam.spatial for nam in model.modules() if isinstance(nam, NAM)}
+    for nam in held:
+        nam.spatial = None
+    try:
+        yield
+    finally:
+        for nam, spatial in held.items():
+            nam.spatial = spatial
+
+
+def _prune_channels_only(
+    model: nn.Module,
+    example_inputs: Any,
+    amount: float,
+    importance: str,
+    scope: str,
+    max_layer_amount: float,
+    round_to: int | None,
+    ignored: list[nn.Module],
+) -> tuple[list[list[Any]], float | None, int]:
     scorer = _ScaleImportance(model, use_nam=importance == "nam")
     nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
-    with eval_mode(model, grad=True):  # tracing needs autograd; eval keeps BN statistics still
-        pruner = tp.pruner.BasePruner(
-            model,
-            as_args(example_inputs),
-            importance=scorer,
-            global_pruning=scope == "global",
-            pruning_ratio=amount,
-            max_pruning_ratio=max_layer_amount,
-            round_to=round_to,
-            ignored_layers=ignored,
-        )
+    try:
+        # tracing needs autograd; eval mode keeps the BatchNorm statistics still
+        with eval_mode(model, grad=True):
+            pruner = tp.pruner.BasePruner(
+                model,
+                as_args(example_inputs),
+                importance=scorer.ranked,
+                global_pruning=scope == "global",
+                pruning_ratio=amount,
+                max_pruning_ratio=max_layer_amount,
+                round_to=round_to,
+                ignored_layers=ignored,
+            )
+    except (ZeroDivisionError, IndexError, KeyError) as err:
+        raise ValueError(
+            f"Torch-Pruning could not trace the channel dependencies of {type(model).__name__} "
+            f"({type(err).__name__}: {err}). Layers that reorder channels, such as ShuffleNet's "
+            "channel shuffle, are beyond it."
+        ) from err
     threshold: float | None = None
     removed = 0
+    # Torch-Pruning drops a group that would lose every channel before we see it; let it through
+    # so that _cap trims it to max_layer_amount, and check validity after the trim instead.
+    check = pruner.DG.check_pruning_group
+    pruner.DG.check_pruning_group = lambda group: True
     for group in pruner.step(interactive=True):
         group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
-        if group is None:
+        if group is None or not check(group):
             continue
         idxs = [int(i) for i in group[0][1]]
         if not idxs:

@@ -1,0 +1,705 @@
+"""The ``nam-lightning`` command line (nam_lightning.cli), run in-process with tiny settings.
+
+Every command runs on the CPU for one epoch of two batches (digits: 8x8 images; FakeData:
+16x16), so the whole file stays fast. Note that LightningCLI reads ``--trainer.limit_*_batches
+1`` as the float 1.0, i.e. *all* batches (the Trainer declares ``Union[float, int]``), so the
+limits here are 2, which Lightning turns into two batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import matplotlib.image
+import pytest
+import torch
+import yaml
+
+from nam_lightning import load_checkpoint
+from nam_lightning.cli import main
+from nam_lightning.models import ImageClassifier
+from nam_lightning.pipeline import render_markdown
+
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.log_every_n_steps=1",
+]
+DIGITS = ["--data.batch_size=16"]  # the default data module, smaller batches
+FAKE = [
+    "--data=nam_lightning.data.FakeDataModule",
+    "--data.num_samples=32",
+    "--data.image_size=16",
+    "--data.batch_size=8",
+]
+AMOUNT = ["--pruning.amount=0.3", "--pruning.flops_target=null"]  # always reachable
+STAGES = ["trained", "pruned", "fine-tuned"]
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """These models are tiny: intra-op threads gain nothing, and on a busy 2-core machine two
+    threads make every step several times slower (measured: a `run` 3 s vs 10-20 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_run_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the CLI caches about a default run directory is dropped after each test."""
+    monkeypatch.setenv("NAM_LIGHTNING_RUN_DIR", "unused")
+    monkeypatch.delenv("NAM_LIGHTNING_RUN_DIR")
+
+
+def cli(*args: str) -> None:
+    """``nam-lightning *args``, in this process (pytest's own arguments hidden from it)."""
+    with mock.patch.object(sys, "argv", ["nam-lightning"]):
+        main(list(args))
+
+
+def printed_config(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """``--print_config`` prints the YAML and exits with status 0."""
+    capsys.readouterr()
+    try:
+        cli(*args, "--print_config")
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    else:
+        pytest.fail("--print_config did not exit")
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert isinstance(config, dict)
+    return config
+
+
+def files_under(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in files_under(path)
+    }
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def tensors(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict (it also holds nam_lightning's architecture record)."""
+    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+
+
+def checkpoints_under(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.ckpt"))
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert len(data) > 5_000, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    assert image.shape[0] >= 200 and image.shape[1] >= 300
+    assert float(image[..., :3].std()) > 0.01  # something is drawn
+
+
+def batch_for(shape: list[int], n: int = 5) -> torch.Tensor:
+    return torch.randn(n, *shape[1:], generator=torch.Generator().manual_seed(1))
+
+
+def assert_export_matches(run_dir: Path, model: torch.nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        want = model(x)
+    if HAS_ONNX:
+        import onnxruntime
+
+        path = run_dir / "model.onnx"
+        assert path.is_file()
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        (got,) = session.run(None, {"images": x.numpy()})  # another batch size than exported
+        got = torch.from_numpy(got)
+    else:
+        path = run_dir / "model.pt2"
+        assert path.is_file()
+        got = torch.export.load(str(path)).module()(x[:2])
+        want = want[:2]
+    assert got.shape == want.shape
+    assert float((got - want).abs().max()) <= 1e-4
+
+
+def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
+    """Everything ``run`` promises in its run directory; returns report.json."""
+    report = json.loads((run_dir / "report.json").read_text())
+    stages = report["stages"]
+    assert [s["name"] for s in stages] == STAGES
+    for s in stages:
+        assert 0.0 <= s["test_acc"] <= 1.0
+        assert isinstance(s["params"], int) and s["params"] > 0
+        assert isinstance(s["flops"], int) and s["flops"] > 0
+        assert s["latency_ms"] > 0
+    trained, pruned, finetuned = stages
+    assert pruned["flops"] < trained["flops"]
+    assert pruned["params"] < trained["params"]
+    assert (finetuned["flops"], finetuned["params"]) == (pruned["flops"], pruned["params"])
+    assert report["flops_reduction"] == pytest.approx(trained["flops"] / finetuned["flops"])
+    assert report["pruning"]["removed_channels"] > 0
+    assert report["plots"] == ["gamma_hist.png", "channels.png", "accuracy.png"]
+
+    markdown = (run_dir / "report.md").read_text()
+    assert "| stage | test accuracy | params | FLOPs | latency (ms) |" in markdown
+    for name in STAGES:
+        assert f"| {name} |" in markdown
+
+    x = batch_for(report["batch_shape"])
+    models = {}
+    for name in ("pruned", "finetuned"):
+        model = load_checkpoint(ImageClassifier, run_dir / f"{name}.ckpt").eval()
+        assert model(x).shape == (len(x), num_classes)
+        models[name] = model
+    assert sum(p.numel() for p in models["pruned"].parameters()) == pruned["params"]
+    before = tensors(models["pruned"].state_dict())
+    after = tensors(models["finetuned"].state_dict())
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == after[k].shape for k in before)
+    assert any(v.is_floating_point() and not torch.equal(v, after[k]) for k, v in before.items()), (
+        "fine-tuning changed no weight"
+    )
+
+    assert_export_matches(run_dir, models["finetuned"], x)
+    assert ("model.onnx" if HAS_ONNX else "model.pt2") in report["export"]
+
+    for name in ("gamma_hist.png", "channels.png", "accuracy.png"):
+        assert_png(run_dir / name)
+
+    train_rows = read_csv(run_dir / "train" / "metrics.csv")
+    finetune_rows = read_csv(run_dir / "finetune" / "metrics.csv")
+    assert {"val/acc", "train/loss", "nam/l1_penalty", "nam/sparsity"} <= set(train_rows[0])
+    assert any(r["val/acc"] for r in train_rows) and any(r["val/acc"] for r in finetune_rows)
+    assert {"val/acc", "train/loss"} <= set(finetune_rows[0])
+    assert not [c for c in finetune_rows[0] if c.startswith("nam/")]  # no penalty when tuning
+    if HAS_TENSORBOARD:
+        for stage in ("train", "finetune"):
+            assert list((run_dir / stage).rglob("events.out.tfevents.*")), stage
+    return report
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny ``run`` with no data option (digits), some options set from a YAML file."""
+    tmp = tmp_path_factory.mktemp("digits_run")
+    config = tmp / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {"max_epochs": 1},
+                "pruning": {"amount": 0.3, "flops_target": None},
+                "finetune_epochs": 1,
+            }
+        )
+    )
+    run_dir = tmp / "run"
+    cli("run", f"--config={config}", *TINY[1:], *DIGITS, f"--run_dir={run_dir}")
+    return run_dir
+
+
+def test_run_on_digits_writes_every_artifact(digits_run: Path) -> None:
+    assert_run_artifacts(digits_run, num_classes=10)
+
+
+def test_run_without_data_option_uses_digits(
+    digits_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = printed_config(capsys, "run")
+    assert config["data"]["class_path"] == "nam_lightning.data.DigitsDataModule"
+    assert config["model"]["backbone"] == "small_resnet"
+    # the tiny run above got digits: 8x8 grey images, 10 classes
+    report = json.loads((digits_run / "report.json").read_text())
+    assert report["batch_shape"][1:] == [1, 8, 8]
+    hparams = torch.load(digits_run / "pruned.ckpt", weights_only=True)["hyper_parameters"]
+    assert (hparams["in_channels"], hparams["num_classes"]) == (1, 10)
+    assert hparams["backbone"] == "small_resnet"
+
+
+def test_config_file_took_effect_in_the_run(digits_run: Path) -> None:
+    report = json.loads((digits_run / "report.json").read_text())
+    assert report["pruning"]["amount"] == pytest.approx(0.3)
+    assert report["pruning"]["flops_target"] is None
+    for stage in ("train", "finetune"):  # trainer.max_epochs / finetune_epochs: one epoch each
+        rows = read_csv(digits_run / stage / "metrics.csv")
+        epochs = {r["epoch"] for r in rows if r["train/loss"] or r["val/acc"]}
+        assert epochs == {"0"}, stage
+
+
+def test_run_on_fakedata_writes_every_artifact(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cli("run", *TINY, *FAKE, *AMOUNT, "--finetune_epochs=1", f"--run_dir={run_dir}")
+    report = assert_run_artifacts(run_dir, num_classes=10)
+    assert report["batch_shape"] == [8, 3, 16, 16]
+
+
+def test_runs_in_two_directories_do_not_interfere(digits_run: Path, tmp_path: Path) -> None:
+    before = snapshot(digits_run)
+    other = tmp_path / "other"
+    cli(
+        "run",
+        *TINY,
+        *DIGITS,
+        *AMOUNT,
+        "--finetune_epochs=1",
+        "--seed_everything=1",
+        "--data.seed=1",
+        f"--run_dir={other}",
+    )
+    assert (other / "report.md").is_file() and (other / "finetuned.ckpt").is_file()
+    assert snapshot(digits_run) == before
+    first = tensors(torch.load(digits_run / "finetuned.ckpt", weights_only=True)["state_dict"])
+    second = tensors(torch.load(other / "finetuned.ckpt", weights_only=True)["state_dict"])
+    assert any(not torch.equal(v, second[k]) for k, v in first.items() if k in second)
+    # a third run into the first directory is refused and changes nothing there
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli("run", *TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1", f"--run_dir={digits_run}")
+    assert snapshot(digits_run) == before
+
+
+def test_report_when_pruning_removed_nothing() -> None:
+    """``nam-lightning run --model.lr 0 --pruning.amount 0.3 --pruning.flops_target null``
+    (all gammas stay 1, so no channel is removed and the threshold is None) crashes here."""
+    summary = {
+        "stages": [
+            {"name": n, "test_acc": 0.1, "params": 10, "flops": 100, "latency_ms": 1.0}
+            for n in STAGES
+        ],
+        "flops_reduction": 1.0,
+        "params_reduction": 1.0,
+        "speedup": 1.0,
+        "pruning": {"threshold": None, "removed_channels": 0},
+        "batch_shape": [16, 1, 8, 8],
+    }
+    markdown = render_markdown(summary)
+    assert "| fine-tuned |" in markdown and "removed 0 channels" in markdown
+
+
+# --- fit, prune, finetune, validate, test ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fit")
+    cli("fit", *TINY, *DIGITS, f"--trainer.default_root_dir={root}")
+    (checkpoint,) = checkpoints_under(root)
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def pruned_dir(tmp_path_factory: pytest.TempPathFactory, fit_checkpoint: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("prune") / "run"
+    cli("prune", *TINY, *DIGITS, *AMOUNT, f"--ckpt_path={fit_checkpoint}", f"--run_dir={run_dir}")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(tmp_path_factory: pytest.TempPathFactory, pruned_dir: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("finetune") / "run"
+    cli(
+        "finetune",
+        *TINY,
+        *DIGITS,
+        f"--ckpt_path={pruned_dir / 'pruned.ckpt'}",
+        f"--run_dir={run_dir}",
+    )
+    return run_dir
+
+
+def test_fit_writes_a_checkpoint_with_nam(fit_checkpoint: Path) -> None:
+    checkpoint = torch.load(fit_checkpoint, weights_only=True)
+    nam_keys = [k for k in checkpoint["state_dict"] if "nam.channel.bn.weight" in k]
+    assert len(nam_keys) == 3  # one NAM site per block of small_resnet
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 2
+    assert (fit_checkpoint.parents[1] / "config.yaml").is_file()  # LightningCLI's own
+    model = load_checkpoint(ImageClassifier, fit_checkpoint).eval()
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_prune_writes_a_smaller_checkpoint_and_a_report(
+    pruned_dir: Path, fit_checkpoint: Path
+) -> None:
+    report = json.loads((pruned_dir / "prune_report.json").read_text())
+    assert report["flops_after"] < report["flops_before"]
+    assert report["params_after"] < report["params_before"]
+    assert report["amount"] == pytest.approx(0.3)
+    pruned = load_checkpoint(ImageClassifier, pruned_dir / "pruned.ckpt").eval()
+    trained = load_checkpoint(ImageClassifier, fit_checkpoint)
+    assert sum(p.numel() for p in pruned.parameters()) == report["params_after"]
+    assert sum(p.numel() for p in trained.parameters()) == report["params_before"]
+    assert pruned(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    assert not checkpoints_under(pruned_dir / "prune")  # pruning trains nothing
+
+
+def test_finetune_writes_a_finetuned_checkpoint(finetuned_dir: Path, pruned_dir: Path) -> None:
+    pruned = load_checkpoint(ImageClassifier, pruned_dir / "pruned.ckpt").eval()
+    tuned = load_checkpoint(ImageClassifier, finetuned_dir / "finetuned.ckpt").eval()
+    assert tuned(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    before, after = tensors(pruned.state_dict()), tensors(tuned.state_dict())
+    assert before.keys() == after.keys()
+    assert all(before[k].shape == v.shape for k, v in after.items())
+    assert any(v.is_floating_point() and not torch.equal(v, after[k]) for k, v in before.items())
+    rows = read_csv(finetuned_dir / "finetune" / "metrics.csv")
+    assert any(r.get("test/acc") for r in rows)  # finetune tests at the end
+    assert not [c for c in rows[0] if c.startswith("nam/")]
+
+
+def test_finetune_honours_max_epochs(finetuned_dir: Path) -> None:
+    """``finetune --trainer.max_epochs 1`` trains one epoch (it used to train 15)."""
+    rows = read_csv(finetuned_dir / "finetune" / "metrics.csv")
+    assert {r["epoch"] for r in rows if r["train/loss"] or r["val/acc"]} == {"0"}
+
+
+@pytest.mark.parametrize(
+    ("command", "with_checkpoint"), [("validate", True), ("test", False), ("test", True)]
+)
+def test_validate_and_test_print_metrics(
+    command: str,
+    with_checkpoint: bool,
+    fit_checkpoint: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = [*TINY, *DIGITS, f"--trainer.default_root_dir={tmp_path}"]
+    if with_checkpoint:
+        args.append(f"--ckpt_path={fit_checkpoint}")
+    cli(command, *args)
+    out = capsys.readouterr().out
+    metrics = ["val/acc", "val/loss"] if command == "validate" else ["test/acc"]
+    for metric in metrics:
+        assert metric in out
+    assert not checkpoints_under(tmp_path)  # nothing was trained
+
+
+def test_predict_runs(fit_checkpoint: Path, tmp_path: Path) -> None:
+    cli(
+        "predict",
+        *TINY,
+        *DIGITS,
+        "--trainer.limit_predict_batches=2",
+        f"--ckpt_path={fit_checkpoint}",
+        f"--trainer.default_root_dir={tmp_path}",
+    )
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "fit"])
+def test_print_config_has_nam_and_pruning_sections(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = printed_config(capsys, command)
+    nam, pruning = config["nam"], config["pruning"]
+    assert nam["lambda_"] > 0 and nam["targets"] in ("nam", "bn", "all")
+    assert {"sites", "spatial", "detach_weights", "sparsity_threshold", "log_on"} <= set(nam)
+    assert {"amount", "flops_target", "importance", "scope", "max_layer_amount", "round_to"} <= set(
+        pruning
+    )
+    # the defaults are a valid pruning configuration: exactly one target
+    assert (pruning["amount"] is None) != (pruning["flops_target"] is None)
+    assert config["data"]["class_path"] == "nam_lightning.data.DigitsDataModule"
+    assert config["model"]["backbone"] == "small_resnet"
+    if command == "run":
+        assert config["finetune_epochs"] >= 1
+        assert config["run_dir"] is None and config["overwrite"] is False
+
+
+def test_config_file_sets_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {"max_epochs": 3},
+                "model": {"backbone": "resnet18", "cifar_stem": True},
+                "nam": {"lambda_": 5e-5, "targets": "bn"},
+                "pruning": {"amount": 0.25, "flops_target": None, "scope": "local"},
+                "finetune_epochs": 2,
+            }
+        )
+    )
+    config = printed_config(capsys, "run", f"--config={path}")
+    assert config["trainer"]["max_epochs"] == 3
+    assert config["model"]["backbone"] == "resnet18" and config["model"]["cifar_stem"] is True
+    assert config["nam"] == {**config["nam"], "lambda_": 5e-5, "targets": "bn"}
+    assert config["pruning"]["amount"] == 0.25 and config["pruning"]["flops_target"] is None
+    assert config["pruning"]["scope"] == "local"
+    assert config["finetune_epochs"] == 2
+    # the command line overrides the file when it comes after it
+    config = printed_config(capsys, "run", f"--config={path}", "--trainer.max_epochs=4")
+    assert config["trainer"]["max_epochs"] == 4
+
+
+@pytest.mark.parametrize("data", ["FakeDataModule", "ImageFolderDataModule", "CIFARDataModule"])
+def test_every_data_module_can_be_chosen(data: str, capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ["--data.root=somewhere"] if data == "ImageFolderDataModule" else []
+    config = printed_config(capsys, "run", f"--data=nam_lightning.data.{data}", *extra)
+    assert config["data"]["class_path"] == f"nam_lightning.data.{data}"
+
+
+# --- data options ----------------------------------------------------------------------------
+
+
+def write_image_folder(root: Path) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("ants", "bees"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                pixels = torch.randint(0, 256, (20, 20, 3), generator=g, dtype=torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def test_fit_on_an_image_folder(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images")
+    cli(
+        "fit",
+        *TINY,
+        "--data=nam_lightning.data.ImageFolderDataModule",
+        f"--data.root={root}",
+        "--data.image_size=16",
+        "--data.batch_size=4",
+        "--data.num_workers=0",
+        f"--trainer.default_root_dir={tmp_path / 'out'}",
+    )
+    (path,) = checkpoints_under(tmp_path / "out")
+    hparams = torch.load(path, weights_only=True)["hyper_parameters"]
+    assert (hparams["num_classes"], hparams["in_channels"]) == (2, 3)
+    model = load_checkpoint(ImageClassifier, path).eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 2)
+
+
+def test_cifar_without_files_fails_clearly(tmp_path: Path) -> None:
+    """No internet here: only the error path (no files under --data.root) is tested."""
+    root, run_dir = tmp_path / "cifar", tmp_path / "run"
+    root.mkdir()
+    # raised when the data module is built (before training); jsonargparse may quote it in a
+    # ValueError ("Does not validate against any of the Union subtypes")
+    with pytest.raises((FileNotFoundError, ValueError)) as info:
+        cli(
+            "run",
+            *TINY,
+            "--data=nam_lightning.data.CIFARDataModule",
+            f"--data.root={root}",
+            "--data.num_workers=0",
+            f"--run_dir={run_dir}",
+        )
+    message = str(info.value)
+    assert str(root) in message and "cifar-10-batches-py" in message
+    assert "--data.download=true" in message
+    assert not files_under(run_dir) and not files_under(root)
+
+
+def test_missing_image_folder_fails_before_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # jsonargparse may wrap the data module's FileNotFoundError in a ValueError ("Does not
+    # validate against any of the Union subtypes") that quotes it: the message is what counts
+    with pytest.raises((FileNotFoundError, ValueError)) as info:
+        cli(
+            "run",
+            *TINY,
+            "--data=nam_lightning.data.ImageFolderDataModule",
+            f"--data.root={tmp_path / 'nowhere'}",
+            f"--run_dir={run_dir}",
+        )
+    message = str(info.value)
+    assert "must hold the folders 'train' and 'val'" in message
+    assert str(tmp_path / "nowhere") in message
+    assert not files_under(run_dir)
+
+
+# --- model options ---------------------------------------------------------------------------
+
+
+def test_small_resnet_is_the_default_model(fit_checkpoint: Path) -> None:
+    hparams = torch.load(fit_checkpoint, weights_only=True)["hyper_parameters"]
+    assert hparams["backbone"] == "small_resnet"
+
+
+@pytest.mark.parametrize(
+    ("options", "sites"),
+    [
+        (["--model.backbone=resnet18", "--model.cifar_stem=true"], 8),  # one per BasicBlock
+        (["--model.backbone=mobilenet_v2"], 17),  # one per InvertedResidual
+    ],
+)
+def test_fit_with_a_torchvision_model(options: list[str], sites: int, tmp_path: Path) -> None:
+    cli("fit", *TINY, *DIGITS, *options, f"--trainer.default_root_dir={tmp_path}")
+    (path,) = checkpoints_under(tmp_path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["hyper_parameters"]["backbone"] == options[0].split("=")[1]
+    nam_keys = [k for k in checkpoint["state_dict"] if "nam.channel.bn.weight" in k]
+    assert len(nam_keys) == sites
+    model = load_checkpoint(ImageClassifier, path).eval()
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+# --- bad options: each fails before any training ---------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["run", "fit"])
+def test_unknown_model(command: str, tmp_path: Path) -> None:
+    where = (
+        f"--run_dir={tmp_path / 'run'}"
+        if command == "run"
+        else f"--trainer.default_root_dir={tmp_path / 'run'}"
+    )
+    with pytest.raises(ValueError) as info:
+        cli(command, *TINY, "--model.backbone=not_a_model", where)
+    message = str(info.value)
+    assert "not_a_model" in message
+    for valid in ("small_resnet", "resnet18", "mobilenet_v2"):
+        assert valid in message
+    assert not files_under(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        (["--pruning.flops_target=1.5"], ["`flops_target`"]),
+        (["--pruning.flops_target=0"], ["`flops_target`"]),
+        (["--pruning.amount=0", "--pruning.flops_target=null"], ["`amount`"]),
+        (["--pruning.amount=1.5", "--pruning.flops_target=null"], ["`amount`"]),
+        (["--pruning.amount=0.3", "--pruning.flops_target=0.5"], ["`amount`", "`flops_target`"]),
+        (["--pruning.flops_target=null"], ["`amount`", "`flops_target`"]),  # neither set
+        (["--pruning.max_layer_amount=1"], ["`max_layer_amount`"]),
+        (["--pruning.round_to=0"], ["`round_to`"]),
+    ],
+)
+def test_impossible_pruning_target(options: list[str], names: list[str], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError) as info:
+        cli("run", *TINY, *options, f"--run_dir={run_dir}")
+    for name in names:
+        assert name in str(info.value)
+    assert not files_under(run_dir)
+
+
+def test_impossible_pruning_target_for_prune(fit_checkpoint: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ValueError, match="`flops_target`"):
+        cli(
+            "prune",
+            *TINY,
+            "--pruning.flops_target=1.5",
+            f"--ckpt_path={fit_checkpoint}",
+            f"--run_dir={run_dir}",
+        )
+    assert not files_under(run_dir)
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        (["--nam.lambda_=-1"], "`lambda_`"),
+        (["--nam.sparsity_threshold=0"], "`sparsity_threshold`"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "fit"])
+def test_bad_nam_option(command: str, options: list[str], name: str, tmp_path: Path) -> None:
+    where = (
+        f"--run_dir={tmp_path / 'run'}"
+        if command == "run"
+        else f"--trainer.default_root_dir={tmp_path / 'run'}"
+    )
+    with pytest.raises(ValueError) as info:
+        cli(command, *TINY, *options, where)
+    assert name in str(info.value)
+    assert not files_under(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    ("option", "key"),
+    [
+        ("--nam.lambda_=abc", "nam.lambda_"),
+        ("--nam.lambda_=inf", "nam.lambda_"),
+        ("--nam.targets=everything", "nam.targets"),
+        ("--nam.log_on=never", "nam.log_on"),
+        ("--pruning.importance=xyz", "pruning.importance"),
+        ("--pruning.amount=lots", "pruning.amount"),
+    ],
+)
+def test_badly_typed_option_is_a_usage_error(
+    option: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        cli("run", *TINY, option, f"--run_dir={run_dir}")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert key in err and option.split("=")[1] in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["run", "prune", "finetune"])
+def test_existing_run_dir_needs_overwrite(
+    command: str, fit_checkpoint: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text("{}")
+    before = snapshot(run_dir)
+    extra = [] if command == "run" else [f"--ckpt_path={fit_checkpoint}"]
+    with pytest.raises(FileExistsError) as info:
+        cli(command, *TINY, *extra, f"--run_dir={run_dir}")
+    assert str(run_dir) in str(info.value) and "--overwrite" in str(info.value)
+    assert snapshot(run_dir) == before
+
+
+def test_existing_run_dir_with_overwrite_proceeds(fit_checkpoint: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "prune_report.json").write_text("{}")
+    cli(
+        "prune",
+        *TINY,
+        *DIGITS,
+        *AMOUNT,
+        f"--ckpt_path={fit_checkpoint}",
+        f"--run_dir={run_dir}",
+        "--overwrite=true",
+    )
+    assert json.loads((run_dir / "prune_report.json").read_text())["flops_after"] > 0
+    assert load_checkpoint(ImageClassifier, run_dir / "pruned.ckpt") is not None
+
+
+def test_empty_run_dir_is_fine(fit_checkpoint: Path, tmp_path: Path) -> None:
+    """An existing but empty directory holds no run: no --overwrite needed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cli("prune", *TINY, *DIGITS, *AMOUNT, f"--ckpt_path={fit_checkpoint}", f"--run_dir={run_dir}")
+    assert (run_dir / "pruned.ckpt").is_file()
