@@ -12,6 +12,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -703,3 +704,45 @@ def test_empty_run_dir_is_fine(fit_checkpoint: Path, tmp_path: Path) -> None:
     run_dir.mkdir()
     cli("prune", *TINY, *DIGITS, *AMOUNT, f"--ckpt_path={fit_checkpoint}", f"--run_dir={run_dir}")
     assert (run_dir / "pruned.ckpt").is_file()
+
+
+def test_run_with_two_ddp_processes_writes_the_same_artifacts(tmp_path: Path) -> None:
+    """`run --trainer.devices=2 --trainer.strategy=ddp --trainer.accelerator=cpu` (gloo).
+
+    Its own process: Lightning's DDP launcher re-runs the command line for rank 1.
+    """
+    run_dir = tmp_path / "run"
+    options = [o for o in TINY if not o.startswith(("--trainer.devices", "--trainer.accel"))]
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("nam-lightning")),
+            "run",
+            *options,
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            "--trainer.accelerator=cpu",
+            "--finetune_epochs=1",
+            f"--run_dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in (
+        "report.json",
+        "report.md",
+        "config.yaml",
+        "pruned.ckpt",
+        "finetuned.ckpt",
+        "gamma_hist.png",
+        "channels.png",
+        "accuracy.png",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "model.onnx").is_file() or (run_dir / "model.pt2").is_file()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == STAGES
+    assert report["stages"][1]["flops"] < report["stages"][0]["flops"]
+    assert not list(tmp_path.glob("runs"))  # both ranks wrote to the one run directory
