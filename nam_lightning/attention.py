@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import functional
+
 
 def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
     """``|scale| / (sum |scale| + removed)``, with an all-zero sum giving zeros, not NaN."""
@@ -56,11 +58,16 @@ class NAMChannelAttention(nn.Module):
         self.bn = nn.BatchNorm2d(channels, eps=eps)
         self.register_buffer("pruned_mass", torch.zeros(()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
-        z = self.bn(x)
+    def weights(self) -> torch.Tensor:
+        """The attention weights ``w = |gamma| / (sum |gamma| + pruned_mass)``, shape (C,)."""
         gamma = self.bn.weight.detach() if self.detach_weights else self.bn.weight
-        w = _normalised_abs(gamma, self.pruned_mass).to(z.dtype)  # (C,)
-        return x * torch.sigmoid(z * w.view(1, -1, 1, 1))
+        return _normalised_abs(gamma, self.pruned_mass)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
+        if functional.lean_applies(x, self.bn):
+            return functional.nam_channel_gate(x, self.bn, self.weights())
+        z = self.bn(x)
+        return x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
 
 
 class NAMSpatialAttention(nn.Module):
@@ -152,14 +159,23 @@ class NAMSite(nn.Module):
 
     Keeping the original module as a child (instead of hooking it) means wrappers that swap
     modules, such as ``SyncBatchNorm.convert_sync_batchnorm``, convert it and keep NAM running.
+
+    When ``module`` is a BatchNorm and both it and NAM train with batch statistics, the two
+    BatchNorms share one statistics pass and one elementwise pass
+    (:func:`~nam_lightning.functional.bn_nam_channel_gate`); ``fuse=False`` turns that off.
     """
 
-    def __init__(self, module: nn.Module, nam: NAM) -> None:
+    def __init__(self, module: nn.Module, nam: NAM, *, fuse: bool = True) -> None:
         super().__init__()
         self.module = module
         self.nam = nam
+        self.fuse = fuse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channel = self.nam.channel
+        if self.fuse and functional.fusion_applies(x, self.module, channel.bn):
+            y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
+            return y if self.nam.spatial is None else self.nam.spatial(y)
         return self.nam(self.module(x))
 
 

@@ -1,0 +1,157 @@
+"""The lean and fused NAM training paths equal the straightforward formula exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nam_lightning import NAM, NAMSite
+from nam_lightning.functional import _gate_backward, _gate_forward
+
+DT = torch.float64
+
+
+def reference(bn1: nn.BatchNorm2d, nam: NAM, x: torch.Tensor) -> torch.Tensor:
+    """BN, then NAM written out: z = BN2(x1); w = |g2| / (sum|g2| + pruned); x1 * sigmoid(w z)."""
+    x1 = bn1(x)
+    bn2 = nam.channel.bn
+    z = bn2(x1)
+    g = bn2.weight.detach() if nam.channel.detach_weights else bn2.weight
+    w = g.abs() / (g.abs().sum() + nam.channel.pruned_mass)
+    return x1 * torch.sigmoid(z * w.view(1, -1, 1, 1))
+
+
+def site(detach: bool, momentum: float | None = 0.1, pruned: float = 0.0) -> NAMSite:
+    bn1 = nn.BatchNorm2d(6, momentum=momentum)
+    nam = NAM(6, detach_weights=detach)
+    nam.channel.bn.momentum = momentum
+    with torch.no_grad():
+        for bn in (bn1, nam.channel.bn):
+            bn.weight.uniform_(-1.5, 1.5)  # both signs: |gamma| and sign(gamma) matter
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+        nam.channel.pruned_mass.fill_(pruned)
+    return NAMSite(bn1, nam).to(DT).train()
+
+
+def tensors(s: NAMSite) -> list[torch.Tensor]:
+    bn1, bn2 = s.module, s.nam.channel.bn
+    return [bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "lean"])
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "differentiable"])
+@pytest.mark.parametrize(("momentum", "pruned"), [(0.1, 0.0), (None, 0.7)])
+def test_paths_equal_the_formula(
+    fuse: bool, detach: bool, momentum: float | None, pruned: float
+) -> None:
+    ours = site(detach, momentum, pruned)
+    ours.fuse = fuse
+    ref = copy.deepcopy(ours)
+    params = [
+        ours.module.weight,
+        ours.module.bias,
+        ours.nam.channel.bn.weight,
+        ours.nam.channel.bn.bias,
+    ]
+    ref_params = [
+        ref.module.weight,
+        ref.module.bias,
+        ref.nam.channel.bn.weight,
+        ref.nam.channel.bn.bias,
+    ]
+    for step in range(3):  # running statistics accumulate over steps
+        x = torch.randn(4, 6, 5, 7, dtype=DT, requires_grad=True)  # non-square maps
+        y, y_ref = ours(x), reference(ref.module, ref.nam, x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+        dy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, [x, *params], dy)
+        ref_grads = torch.autograd.grad(y_ref, [x, *ref_params], dy)
+        for name, g, r in zip(["x", "g1", "b1", "g2", "b2"], grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12, msg=f"d{name} step {step}")
+        for a, b in zip(tensors(ours), tensors(ref), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert int(ours.module.num_batches_tracked) == int(ours.nam.channel.bn.num_batches_tracked) == 3
+
+
+def test_nam_on_its_own_uses_the_lean_path_exactly() -> None:
+    nam = NAM(6, detach_weights=False).to(DT).train()
+    with torch.no_grad():
+        nam.channel.bn.weight.uniform_(-1.5, 1.5)
+        nam.channel.bn.bias.uniform_(-0.5, 0.5)
+    ref = copy.deepcopy(nam)
+    x = torch.randn(3, 6, 4, 9, dtype=DT, requires_grad=True)
+    y = nam(x)
+    identity = nn.Identity()
+    bn = ref.channel.bn
+    z = bn(x)
+    w = bn.weight.abs() / bn.weight.abs().sum()
+    y_ref = identity(x) * torch.sigmoid(z * w.view(1, -1, 1, 1))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    for a, b in zip(
+        torch.autograd.grad(y, [x, nam.channel.bn.weight, nam.channel.bn.bias], dy),
+        torch.autograd.grad(y_ref, [x, bn.weight, bn.bias], dy),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(nam.channel.bn.running_var, bn.running_var)
+
+
+def saved_bytes(fn: object, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)  # type: ignore[operator]
+    return sum(storages.values())
+
+
+def test_fused_site_saves_no_more_than_its_batchnorm() -> None:
+    x = torch.randn(8, 6, 32, 32, requires_grad=True)
+    fused = site(True).float()
+    bn_only = saved_bytes(fused.module, x)
+    plain = copy.deepcopy(fused)
+    plain.fuse = False
+    straightforward = saved_bytes(lambda t: reference(plain.module, plain.nam, t), x)
+    activation = x.numel() * 4
+    assert saved_bytes(fused, x) <= bn_only + 4096  # per-channel vectors only
+    assert straightforward >= bn_only + 2 * activation  # what the plain formula keeps
+    lean = saved_bytes(plain, x)  # NAM alone keeps only its input
+    assert lean <= bn_only + activation + 4096
+
+
+@pytest.mark.parametrize("case", ["eval", "no_grad", "bfloat16", "sync_bn"])
+def test_other_cases_take_the_plain_path(case: str) -> None:
+    s = site(True).float()
+    x = torch.randn(4, 6, 5, 7)
+    if case == "eval":
+        s.eval()
+    if case == "bfloat16":
+        s, x = s.to(torch.bfloat16), x.to(torch.bfloat16)
+    if case == "sync_bn":
+        s = nn.SyncBatchNorm.convert_sync_batchnorm(s).eval()  # forward needs no process group
+    ref = copy.deepcopy(s)
+    with torch.set_grad_enabled(case != "no_grad"):
+        torch.testing.assert_close(s(x), reference(ref.module, ref.nam, x))
+
+
+def test_compiled_kernels_equal_the_eager_math() -> None:
+    from nam_lightning.functional import _backward_kernel, _forward_kernel
+
+    z = torch.randn(4, 6, 5, 7)
+    coefficients = [torch.randn(1, 6, 1, 1) for _ in range(6)]
+    coefficients[1] = coefficients[1].abs() + 0.5  # invstd > 0
+    dy = torch.randn_like(z)
+    torch.testing.assert_close(_forward_kernel(z, *coefficients), _gate_forward(z, *coefficients))
+    for a, b in zip(
+        _backward_kernel(dy, z, *coefficients), _gate_backward(dy, z, *coefficients), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
