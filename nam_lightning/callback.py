@@ -62,6 +62,8 @@ class NAMCallback(Callback):
             reference behaviour).
         sparsity_threshold: ``nam/sparsity`` is the fraction of targeted ``|gamma|`` below it.
         log_on: log the metrics every training ``"step"`` or once per ``"epoch"``.
+        fuse: fuse each site's BatchNorm with NAM's in training (exact; less memory, fewer
+            passes). ``False`` runs them one after the other.
         prune: prune channels when training ends: a fraction of channels to remove, or a
             :class:`~nam_lightning.PruneConfig` (e.g. ``PruneConfig(flops_target=0.5)``).
             The example batch is the LightningModule's ``example_input_array``, else the first
@@ -84,6 +86,7 @@ class NAMCallback(Callback):
         sparsity_threshold: float = 1e-2,
         log_on: Literal["step", "epoch"] = "step",
         prune: float | PruneConfig | None = None,
+        fuse: bool = True,
     ) -> None:
         if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
             raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
@@ -104,7 +107,8 @@ class NAMCallback(Callback):
                 "`sites` must be 'auto', a non-empty list of module names or a predicate "
                 f"(name, module) -> bool, got {sites!r}"
             )
-        for name, flag in (("spatial", spatial), ("detach_weights", detach_weights)):
+        flags = (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse))
+        for name, flag in flags:
             if not isinstance(flag, bool):
                 raise TypeError(f"`{name}` must be a bool, got {flag!r}")
         if (
@@ -124,6 +128,7 @@ class NAMCallback(Callback):
         self.detach_weights = detach_weights
         self.sparsity_threshold = float(sparsity_threshold)
         self.log_on = log_on
+        self.fuse = fuse
         if isinstance(prune, (int, float)) and not isinstance(prune, bool):
             prune = PruneConfig(amount=float(prune))
         if prune is not None and not isinstance(prune, PruneConfig):
@@ -181,6 +186,7 @@ class NAMCallback(Callback):
             spatial=self.spatial,
             detach_weights=self.detach_weights,
             example_inputs=example,
+            fuse=self.fuse,
         )
         if not scale_factors(pl_module, self.targets):
             raise ValueError(

@@ -51,6 +51,7 @@ def inject_nam(
     detach_weights: bool = True,
     eps: float = 1e-5,
     example_inputs: Any = None,
+    fuse: bool = True,
 ) -> list[str]:
     """Put NAM after each site of ``model``, in place. Idempotent.
 
@@ -67,6 +68,8 @@ def inject_nam(
             the sites' output shapes. Needed with ``spatial=True`` or when a site's channel count
             cannot be read from the module (a BatchNorm or a conv is read directly). The model
             runs in eval mode without gradients, so nothing it holds changes.
+        fuse: in training, run a site's BatchNorm and NAM's BatchNorm as one fused step where
+            the math allows (see :class:`~nam_lightning.NAMSite`); exact either way.
 
     Returns:
         The names of all sites where NAM now runs (those added now and those already there).
@@ -102,6 +105,7 @@ def inject_nam(
             "spatial_size": spatial_size,
             "detach_weights": detach_weights,
             "eps": eps,
+            "fuse": fuse,
         }
     apply_plan(model, plan)
     return names
@@ -126,7 +130,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
         if tensor is not None:
             nam.to(device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
         nam.train(site.training)
-        built[name] = NAMSite(site, nam).train(site.training)
+        built[name] = NAMSite(site, nam, fuse=spec.get("fuse", True)).train(site.training)
     for name, wrapped in built.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapped)

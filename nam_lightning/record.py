@@ -35,6 +35,7 @@ def nam_sites(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "spatial_size": None if nam.spatial is None else list(nam.spatial.size),
                 "detach_weights": nam.channel.detach_weights,
                 "eps": nam.channel.bn.eps,
+                "fuse": module.fuse,
             }
     return sites
 

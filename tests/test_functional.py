@@ -155,3 +155,15 @@ def test_compiled_kernels_equal_the_eager_math() -> None:
         _backward_kernel(dy, z, *coefficients), _gate_backward(dy, z, *coefficients), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_flag_travels_through_injection_and_the_record() -> None:
+    import torchvision
+
+    from nam_lightning import inject_nam
+    from nam_lightning.record import nam_sites
+
+    model = torchvision.models.resnet18(num_classes=10)
+    inject_nam(model, fuse=False)
+    assert all(spec["fuse"] is False for spec in nam_sites(model).values())
+    assert not any(m.fuse for m in model.modules() if isinstance(m, NAMSite))

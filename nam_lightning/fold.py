@@ -1,0 +1,268 @@
+"""NAM folded for inference: each NAM site becomes a few per-channel constants.
+
+Liu et al., "NAM: Normalization-based Attention Module", arXiv:2111.12419.
+
+In eval mode a BatchNorm is an affine map per feature, ``BN(x) = A * x + B`` with
+``A = gamma / sqrt(running_var + eps)`` and ``B = beta - A * running_mean``. NAM's channel
+attention ``x * sigmoid(w * BN(x))`` is therefore ``x * sigmoid(a * x + b)`` per channel with
+``a = w * A`` and ``b = w * B``; its spatial attention is the same per position. At the usual
+site, right after the residual branch's last BatchNorm ``x = alpha * z + beta``, that BatchNorm
+folds in too: the site computes, from the BatchNorm's input ``z``::
+
+    y = (alpha * z + beta) * sigmoid(p * z + q)      p = a * alpha,  q = a * beta + b
+    y = y * sigmoid(pixel_scale * y + pixel_shift)   (spatial attention, if present)
+
+:func:`fold_nam` swaps every :class:`~nam_lightning.NAMSite` for such a :class:`FoldedNAM`: no
+parameters, a handful of elementwise passes, plain tensor ops that ``torch.export``, the ONNX
+exporter and ``torch.compile`` take as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .attention import NAMSite
+
+
+class FoldedNAM(nn.Module):
+    """Eval-mode NAM, and the BatchNorm before it when there is one, as constant buffers.
+
+    ``y = (bn_scale * x + bn_shift) * sigmoid(gate_scale * x + gate_shift)`` per channel (without
+    a folded BatchNorm: ``y = x * sigmoid(...)``), then, with spatial attention,
+    ``y * sigmoid(pixel_scale * y + pixel_shift)`` per position. Built by :func:`fold_nam`.
+
+    Args:
+        gate_scale: ``(C,)`` slope of the channel gate's logit.
+        gate_shift: ``(C,)`` offset of the channel gate's logit.
+        bn_scale: ``(C,)`` scale of the folded BatchNorm, or ``None``.
+        bn_shift: ``(C,)`` shift of the folded BatchNorm, or ``None``.
+        pixel_scale: ``(H, W)`` slope of the spatial gate's logit, or ``None``.
+        pixel_shift: ``(H, W)`` offset of the spatial gate's logit, or ``None``.
+
+    Example:
+        >>> folded = FoldedNAM(torch.ones(4), torch.zeros(4))
+        >>> folded(torch.zeros(2, 4, 3, 3)).shape
+        torch.Size([2, 4, 3, 3])
+    """
+
+    gate_scale: torch.Tensor
+    gate_shift: torch.Tensor
+    bn_scale: torch.Tensor | None
+    bn_shift: torch.Tensor | None
+    pixel_scale: torch.Tensor | None
+    pixel_shift: torch.Tensor | None
+
+    def __init__(
+        self,
+        gate_scale: torch.Tensor,
+        gate_shift: torch.Tensor,
+        *,
+        bn_scale: torch.Tensor | None = None,
+        bn_shift: torch.Tensor | None = None,
+        pixel_scale: torch.Tensor | None = None,
+        pixel_shift: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        _check_pair("gate", gate_scale, gate_shift, dims=1, optional=False)
+        _check_pair("bn", bn_scale, bn_shift, dims=1, optional=True)
+        _check_pair("pixel", pixel_scale, pixel_shift, dims=2, optional=True)
+        if bn_scale is not None and bn_scale.shape != gate_scale.shape:
+            raise ValueError(
+                f"`bn_scale` has shape {tuple(bn_scale.shape)} but `gate_scale` has "
+                f"{tuple(gate_scale.shape)}: both hold one value per channel"
+            )
+        self.register_buffer("gate_scale", gate_scale)
+        self.register_buffer("gate_shift", gate_shift)
+        self.register_buffer("bn_scale", bn_scale)
+        self.register_buffer("bn_shift", bn_shift)
+        self.register_buffer("pixel_scale", pixel_scale)
+        self.register_buffer("pixel_shift", pixel_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
+        # addcmul and in-place ops on fresh tensors: each step is one pass over memory.
+        gate = torch.addcmul(_channels(self.gate_shift, x), x, _channels(self.gate_scale, x))
+        gate = gate.sigmoid_()
+        if self.bn_scale is not None and self.bn_shift is not None:
+            x = torch.addcmul(_channels(self.bn_shift, x), x, _channels(self.bn_scale, x))
+        y = gate.mul_(x)
+        if self.pixel_scale is not None and self.pixel_shift is not None:
+            if y.shape[-2:] != self.pixel_scale.shape:
+                raise ValueError(
+                    f"This folded NAM has spatial attention for {self.pixel_scale.shape[0]}x"
+                    f"{self.pixel_scale.shape[1]} feature maps but got "
+                    f"{y.shape[-2]}x{y.shape[-1]}: its scale factors belong to positions, so "
+                    "the input resolution must stay the one NAM was built with."
+                )
+            pixel_gate = torch.addcmul(
+                self.pixel_shift.to(y.dtype), y, self.pixel_scale.to(y.dtype)
+            )
+            y = pixel_gate.sigmoid_().mul_(y)
+        return y
+
+    def extra_repr(self) -> str:
+        text = f"channels={self.gate_scale.numel()}, bn_folded={self.bn_scale is not None}"
+        if self.pixel_scale is not None:
+            text += f", spatial_size={tuple(self.pixel_scale.shape)}"
+        return text
+
+
+def fold_nam(model: nn.Module) -> int:
+    """Replace every NAM site of ``model`` by its eval-mode equivalent, in place.
+
+    Each :class:`~nam_lightning.NAMSite` becomes a :class:`FoldedNAM` computing the same output
+    from the running statistics. When the site wraps a BatchNorm2d with running statistics (the
+    standard site, see :func:`~nam_lightning.inject_nam`), that BatchNorm is folded in as well;
+    any other wrapped module is kept, as ``nn.Sequential(module, FoldedNAM(...))``. The result
+    is for inference only: the folded modules have no parameters, NAM can no longer be trained,
+    pruned or removed, and the weights no longer load into an unfolded model.
+
+    Args:
+        model: a network with NAM injected, in eval mode.
+
+    Returns:
+        The number of sites folded.
+
+    Raises:
+        ValueError: when the model (or a NAM site) is in training mode, when it holds no NAM
+            site (also on a second call: folding is done once), or when a NAM BatchNorm keeps
+            no running statistics. Every replacement is built before any is put in place, so
+            the model is then unchanged.
+
+    Example:
+        >>> import torchvision
+        >>> from nam_lightning import inject_nam
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> len(inject_nam(model))
+        8
+        >>> fold_nam(model.eval())
+        8
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, NAMSite)]
+    if not sites:
+        hint = (
+            "it is already folded (fold_nam runs once)"
+            if any(isinstance(m, FoldedNAM) for m in model.modules())
+            else "inject_nam puts NAM in a model"
+        )
+        raise ValueError(f"Nothing to fold: {type(model).__name__} holds no NAM site; {hint}.")
+    in_sites = {id(m) for _, site in sites for m in site.modules()}
+    training = [
+        name or "the model"
+        for name, m in model.named_modules()
+        if m.training and (m is model or id(m) in in_sites)
+    ]
+    if training:
+        raise ValueError(
+            f"fold_nam needs the model in eval mode, but {training[:3]} "
+            f"{'is' if len(training) == 1 else 'are'} in training mode: folding uses the "
+            "BatchNorm running statistics, which only eval mode uses. Call model.eval() first."
+        )
+    if sites[0][0] == "":
+        raise ValueError(
+            "`model` is itself a NAMSite: fold_nam replaces sites inside a model, so pass the "
+            "module that holds it."
+        )
+
+    replacements = []
+    for name, site in sites:
+        parent_name, _, child = name.rpartition(".")
+        replacements.append((model.get_submodule(parent_name), child, _fold_site(name, site)))
+    for parent, child, folded in replacements:
+        setattr(parent, child, folded)
+    return len(replacements)
+
+
+def _fold_site(name: str, site: NAMSite) -> nn.Module:
+    """The eval-mode replacement of one site: a FoldedNAM, after the module when it is kept."""
+    nam = site.nam
+    _check_running_stats(f"{name}.nam.channel.bn", nam.channel.bn)
+    reference = nam.channel.bn.running_mean
+    assert reference is not None  # checked just above
+
+    # Constants are worked out in float64 (on the CPU, which every backend can copy to) and
+    # rounded once, so the folded model is as close to the exact maths as the unfolded one.
+    w = _normalised_abs(_cpu64(nam.channel.bn.weight), _cpu64(nam.channel.pruned_mass))
+    a, b = _affine(nam.channel.bn)
+    gate_scale, gate_shift = w * a, w * b
+    bn_scale = bn_shift = None
+    module = site.module
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.running_mean is not None:
+        bn_scale, bn_shift = _affine(module)
+        gate_scale, gate_shift = gate_scale * bn_scale, gate_scale * bn_shift + gate_shift
+    pixel_scale = pixel_shift = None
+    if nam.spatial is not None:
+        _check_running_stats(f"{name}.nam.spatial.bn", nam.spatial.bn)
+        w_lambda = _normalised_abs(_cpu64(nam.spatial.bn.weight), None)
+        a_p, b_p = _affine(nam.spatial.bn)
+        pixel_scale = (w_lambda * a_p).view(nam.spatial.size)
+        pixel_shift = (w_lambda * b_p).view(nam.spatial.size)
+
+    folded = FoldedNAM(
+        gate_scale.to(reference),
+        gate_shift.to(reference),
+        bn_scale=_like(bn_scale, reference),
+        bn_shift=_like(bn_shift, reference),
+        pixel_scale=_like(pixel_scale, reference),
+        pixel_shift=_like(pixel_shift, reference),
+    ).eval()
+    return folded if bn_scale is not None else nn.Sequential(module, folded).eval()
+
+
+def _affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``bn(x) == A * x + B`` per feature in eval mode; float64 on the CPU."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(_cpu64(bn.running_var) + bn.eps)
+    shift = -_cpu64(bn.running_mean) * scale
+    if bn.weight is not None:
+        weight = _cpu64(bn.weight)
+        scale, shift = scale * weight, shift * weight
+    if bn.bias is not None:
+        shift = shift + _cpu64(bn.bias)
+    return scale, shift
+
+
+def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None) -> torch.Tensor:
+    """NAM's weights ``|scale| / (sum |scale| + removed)``, 0 (not NaN) when all are zero."""
+    total = scale.abs().sum() if removed is None else scale.abs().sum() + removed
+    return scale.abs() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _cpu64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _like(t: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | None:
+    """``t`` on the device and in the dtype of ``reference`` (``None`` stays ``None``)."""
+    return None if t is None else t.to(reference)
+
+
+def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(C,)`` buffer shaped to broadcast over ``x`` and of its dtype."""
+    return t.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _check_running_stats(name: str, bn: _BatchNorm) -> None:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"Cannot fold NAM: its BatchNorm {name!r} has track_running_stats=False, so it "
+            "normalises with the statistics of each batch even in eval mode; folding needs "
+            "running statistics. Nothing was folded."
+        )
+
+
+def _check_pair(
+    name: str, scale: torch.Tensor | None, shift: torch.Tensor | None, *, dims: int, optional: bool
+) -> None:
+    if optional and scale is None and shift is None:
+        return
+    if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
+        raise TypeError(f"`{name}_scale` and `{name}_shift` must both be tensors (or both None)")
+    if scale.dim() != dims or scale.shape != shift.shape:
+        raise ValueError(
+            f"`{name}_scale` and `{name}_shift` must be {dims}-D tensors of one shape, got "
+            f"{tuple(scale.shape)} and {tuple(shift.shape)}"
+        )
