@@ -45,7 +45,7 @@ def _gate_forward(
     return (a * zh + b) * torch.sigmoid(p * zh + q)
 
 
-def _gate_backward(
+def _gate_sums(
     dy: torch.Tensor,
     z: torch.Tensor,
     mean: torch.Tensor,
@@ -55,22 +55,41 @@ def _gate_backward(
     p: torch.Tensor,
     q: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
+    """Backward pass 1: the per-channel sums that give the coefficients' gradients."""
     zh = (z - mean) * invstd
     s = torch.sigmoid(p * zh + q)
-    x = a * zh + b
     dx = dy * s  # through the gated input
-    dt = dy * x * s * (1 - s)  # through the gate's argument
+    dt = dy * (a * zh + b) * s * (1 - s)  # through the gate's argument
     dzh = a * dx + p * dt
     dims = (0, 2, 3)
     return (
-        dzh * invstd,  # dz with the statistics held fixed
-        -(dzh * invstd).sum(dims, keepdim=True),  # d mean
+        -(dzh * invstd).sum(dims, keepdim=True),  # d mean, where it appears in zh
         (dzh * (z - mean)).sum(dims, keepdim=True),  # d invstd
         (dx * zh).sum(dims, keepdim=True),  # d a
         dx.sum(dims, keepdim=True),  # d b
         (dt * zh).sum(dims, keepdim=True),  # d p
         dt.sum(dims, keepdim=True),  # d q
     )
+
+
+def _gate_input_grad(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    dmean: torch.Tensor,
+    dvar: torch.Tensor,
+) -> torch.Tensor:
+    """Backward pass 2: ``dz``, direct and through the batch statistics (mean, biased var)."""
+    zh = (z - mean) * invstd
+    s = torch.sigmoid(p * zh + q)
+    dzh = a * dy * s + p * dy * (a * zh + b) * s * (1 - s)
+    count = z.numel() // z.shape[1]
+    return dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean)
 
 
 class _Kernel:
@@ -102,26 +121,44 @@ class _Kernel:
 
 
 _forward_kernel = _Kernel(_gate_forward)
-_backward_kernel = _Kernel(_gate_backward)
+_sums_kernel = _Kernel(_gate_sums)
+_input_grad_kernel = _Kernel(_gate_input_grad)
 
 
-class _AffineGate(torch.autograd.Function):
-    """``(a * zh + b) * sigmoid(p * zh + q)``; saves ``z`` and ``C``-sized vectors only."""
+Coefficients = Callable[..., tuple[torch.Tensor, ...]]
+
+
+class _NormalizedGate(torch.autograd.Function):
+    """``y = (a * zh + b) * sigmoid(p * zh + q)`` with ``zh = (z - mean) * invstd`` over the
+    batch statistics of ``z``, and ``(invstd, a, b, p, q) = coefficients(mean, var, *params)``
+    per channel. Two passes over ``z`` forward (statistics, gate) and two backward (sums,
+    input gradient), like a BatchNorm; saves ``z`` and per-channel vectors only.
+    """
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z, *coefficients)
-        return _forward_kernel(z, *coefficients)
+    def forward(
+        ctx: Any, z: torch.Tensor, coefficients: Coefficients, *params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), keepdim=True, correction=0)
+        with torch.enable_grad():  # a tiny graph over C values, replayed in backward
+            leaves = [t.detach().requires_grad_() for t in (mean, var, *params)]
+            coeffs = coefficients(*leaves)
+        ctx.graph = (leaves, coeffs)
+        ctx.save_for_backward(z, mean, *(c.detach() for c in coeffs))
+        ctx.mark_non_differentiable(mean, var)
+        y = _forward_kernel(z, mean, *(c.detach() for c in coeffs))
+        return y, mean, var
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return _backward_kernel(dy, *ctx.saved_tensors)
-
-
-def _batch_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean over (N, H, W), shaped (1, C, 1, 1) for broadcasting."""
-    var, mean = torch.var_mean(z, dim=(0, 2, 3), keepdim=True, correction=0)
-    return var, mean
+    def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        z, mean, invstd, a, b, p, q = ctx.saved_tensors
+        leaves, coeffs = ctx.graph
+        dmean_direct, *dcoeffs = _sums_kernel(dy, z, mean, invstd, a, b, p, q)
+        grads = torch.autograd.grad(coeffs, leaves, dcoeffs, allow_unused=True)
+        dmean = dmean_direct if grads[0] is None else dmean_direct + grads[0]
+        dvar = torch.zeros_like(mean) if grads[1] is None else grads[1]
+        dz = _input_grad_kernel(dy, z, mean, invstd, a, b, p, q, dmean, dvar)
+        return (dz, None, *grads[2:])
 
 
 def _update_running_stats(
@@ -175,12 +212,16 @@ def fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bool:
 
 def nam_channel_gate(x: torch.Tensor, nam_bn: nn.BatchNorm2d, w: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(w * nam_bn(x))`` in training mode, saving only ``x``."""
-    var, mean = _batch_moments(x)
+
+    def coefficients(
+        mean: torch.Tensor, var: torch.Tensor, w: torch.Tensor, g: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        invstd = torch.rsqrt(var + nam_bn.eps)
+        return invstd, 1 / invstd, mean, _view(w * g), _view(w * b)  # x = zh / invstd + mean
+
+    y, mean, var = _NormalizedGate.apply(x, coefficients, w, nam_bn.weight, nam_bn.bias)
     _update_running_stats(nam_bn, mean, var, x.numel() // x.shape[1])
-    invstd = torch.rsqrt(var + nam_bn.eps)
-    a, b = 1 / invstd, mean
-    p, q = _view(w * nam_bn.weight), _view(w * nam_bn.bias)
-    return _AffineGate.apply(x, mean, invstd, a, b, p, q)
+    return y
 
 
 def bn_nam_channel_gate(
@@ -189,16 +230,30 @@ def bn_nam_channel_gate(
     """``x * sigmoid(w * nam_bn(x))`` with ``x = bn(z)``, both BatchNorms in training mode,
     in one statistics pass and one elementwise pass over ``z``."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    var, mean = _batch_moments(z)
+
+    def coefficients(
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        w: torch.Tensor,
+        g1: torch.Tensor,
+        b1: torch.Tensor,
+        g2: torch.Tensor,
+        b2: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        g1, b1 = _view(g1), _view(b1)
+        var_x = g1 * g1 * (var / (var + bn.eps))  # the variance NAM's BatchNorm sees
+        p = _view(w * g2) * g1 * torch.rsqrt(var_x + nam_bn.eps)
+        return torch.rsqrt(var + bn.eps), g1, b1, p, _view(w * b2)
+
+    params = (w, bn.weight, bn.bias, nam_bn.weight, nam_bn.bias)
+    y, mean, var = _NormalizedGate.apply(z, coefficients, *params)
     count = z.numel() // z.shape[1]
-    g1, b1 = _view(bn.weight), _view(bn.bias)
-    var_x = g1 * g1 * (var / (var + bn.eps))  # NAM's BatchNorm sees this variance ...
+    with torch.no_grad():
+        g1 = _view(bn.weight)
+        var_x = g1 * g1 * (var / (var + bn.eps))
     _update_running_stats(bn, mean, var, count)
-    _update_running_stats(nam_bn, b1, var_x, count)  # ... and this mean: beta1
-    invstd = torch.rsqrt(var + bn.eps)
-    p = _view(w * nam_bn.weight) * g1 * torch.rsqrt(var_x + nam_bn.eps)
-    q = _view(w * nam_bn.bias)
-    return _AffineGate.apply(z, mean, invstd, g1, b1, p, q)
+    _update_running_stats(nam_bn, _view(bn.bias.detach()), var_x, count)  # NAM's mean: beta1
+    return y
 
 
 __all__ = ["bn_nam_channel_gate", "fusion_applies", "lean_applies", "nam_channel_gate"]

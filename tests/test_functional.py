@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nam_lightning import NAM, NAMSite
-from nam_lightning.functional import _gate_backward, _gate_forward
+from nam_lightning.functional import _gate_forward, _gate_input_grad, _gate_sums
 
 DT = torch.float64
 
@@ -144,17 +144,21 @@ def test_other_cases_take_the_plain_path(case: str) -> None:
 
 
 def test_compiled_kernels_equal_the_eager_math() -> None:
-    from nam_lightning.functional import _backward_kernel, _forward_kernel
+    from nam_lightning.functional import _forward_kernel, _input_grad_kernel, _sums_kernel
 
     z = torch.randn(4, 6, 5, 7)
     coefficients = [torch.randn(1, 6, 1, 1) for _ in range(6)]
     coefficients[1] = coefficients[1].abs() + 0.5  # invstd > 0
-    dy = torch.randn_like(z)
+    dy, dmean, dvar = torch.randn_like(z), torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1)
     torch.testing.assert_close(_forward_kernel(z, *coefficients), _gate_forward(z, *coefficients))
     for a, b in zip(
-        _backward_kernel(dy, z, *coefficients), _gate_backward(dy, z, *coefficients), strict=True
+        _sums_kernel(dy, z, *coefficients), _gate_sums(dy, z, *coefficients), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _input_grad_kernel(dy, z, *coefficients, dmean, dvar),
+        _gate_input_grad(dy, z, *coefficients, dmean, dvar),
+    )
 
 
 def test_fuse_flag_travels_through_injection_and_the_record() -> None:
