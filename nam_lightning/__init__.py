@@ -8,6 +8,7 @@ from typing import Any
 
 from .attention import NAM, NAMChannelAttention, NAMSite, NAMSpatialAttention
 from .checkpoint import load_checkpoint, save_pruned
+from .fold import FoldedNAM, fold_nam
 from .inject import inject_nam, remove_nam
 from .pruning import PruneConfig, prune_channels
 from .report import PruneReport
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAM",
+    "FoldedNAM",
     "NAMCallback",
     "NAMChannelAttention",
     "NAMSite",
@@ -24,6 +26,7 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "add_l1_subgradient_",
+    "fold_nam",
     "inject_nam",
     "l1_penalty",
     "load_checkpoint",

@@ -190,7 +190,7 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     gate_scale, gate_shift = w * a, w * b
     bn_scale = bn_shift = None
     module = site.module
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and module.running_mean is not None:
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and _has_running_stats(module):
         bn_scale, bn_shift = _affine(module)
         gate_scale, gate_shift = gate_scale * bn_scale, gate_scale * bn_shift + gate_shift
     pixel_scale = pixel_shift = None
@@ -245,8 +245,12 @@ def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype).view(1, -1, 1, 1)
 
 
+def _has_running_stats(bn: _BatchNorm) -> bool:
+    return bn.running_mean is not None and bn.running_var is not None
+
+
 def _check_running_stats(name: str, bn: _BatchNorm) -> None:
-    if bn.running_mean is None or bn.running_var is None:
+    if not _has_running_stats(bn):
         raise ValueError(
             f"Cannot fold NAM: its BatchNorm {name!r} has track_running_stats=False, so it "
             "normalises with the statistics of each batch even in eval mode; folding needs "

@@ -1,0 +1,150 @@
+"""Inference latency of NAM, unfolded and folded (``fold_nam``), on resnet50 on the CPU.
+
+Three eval-mode variants of one torchvision resnet50 share their backbone weights: without
+NAM; with NAM at its 16 blocks (``inject_nam``); and a copy of the latter after ``fold_nam``,
+where each site's BatchNorm and NAM have become one parameter-free module. Every BatchNorm
+(NAM's included) gets random scale factors, shifts and running statistics, so the outputs
+are meaningful and the folded model is checked against the unfolded one (max abs difference).
+The variants take turns in every repetition, so a slow spell of the machine hits them alike;
+the table shows the median latency and its ratio to the model without NAM. The target: the
+folded model within 3% of the model without NAM. ``--compile`` adds the model without NAM and
+the folded model under ``torch.compile(fullgraph=True)``, compared with each other.
+
+Eager CPU latency depends on the memory allocator as much as on the arithmetic: glibc hands
+large freed blocks back to the operating system, and the fresh pages of the next allocation
+are faulted in and zeroed one by one. The table shows these minor page faults per forward pass
+(median); ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296`` in the
+environment keeps freed memory in the process and shows the cost of the arithmetic alone.
+
+Run from the repository root::
+
+    python benchmarks/inference.py [--batch 8] [--size 224] [--repeats 7] [--threads 2]
+        [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nam_lightning import NAMSite, inject_nam
+from nam_lightning.fold import fold_nam
+
+TARGET = 1.03  # folded latency / latency without NAM
+
+
+@torch.no_grad()
+def randomise_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
+    """Random gamma (both signs), beta and running statistics for every BatchNorm."""
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            assert m.running_mean is not None and m.running_var is not None
+            n = m.num_features
+            sign = torch.randint(0, 2, (n,), generator=generator) * 2 - 1
+            m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=generator) * sign)
+            m.bias.copy_(torch.empty(n).uniform_(-0.25, 0.25, generator=generator))
+            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.25)
+            m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=generator))
+
+
+def timed_forward(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
+    """Seconds and minor page faults (fresh memory pages touched) of one forward pass."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    model(x)
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed forward passes (7)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile'd no-NAM and folded models (adds ~40 s of compiling)",
+    )
+    args = parser.parse_args()
+    for name in ("batch", "size", "repeats", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    plain = torchvision.models.resnet50(weights=None, num_classes=1000)
+    randomise_batchnorms(plain, torch.Generator().manual_seed(0))
+    nam = copy.deepcopy(plain)
+    sites = inject_nam(nam)
+    nams = nn.ModuleList(m.nam for m in nam.modules() if isinstance(m, NAMSite))
+    randomise_batchnorms(nams, torch.Generator().manual_seed(1))  # the backbone's stay shared
+    plain.eval()
+    nam.eval()
+    folded = copy.deepcopy(nam)
+    fold_start = time.perf_counter()
+    folded_count = fold_nam(folded)
+    fold_ms = (time.perf_counter() - fold_start) * 1e3
+    x = torch.randn(args.batch, 3, args.size, args.size)  # (B, C, H, W)
+
+    models = {"no NAM": plain, "NAM": nam, "NAM folded": folded}
+    if args.compile:
+        models["no NAM, compiled"] = torch.compile(plain, fullgraph=True)
+        models["NAM folded, compiled"] = torch.compile(folded, fullgraph=True)
+    seconds: dict[str, list[float]] = {key: [] for key in models}
+    faults: dict[str, list[int]] = {key: [] for key in models}
+    with torch.inference_mode():
+        outputs = {key: m(x) for key, m in models.items()}  # also the warm-up (compiling) pass
+        for _ in range(args.repeats):
+            for key, m in models.items():
+                elapsed, fault_count = timed_forward(m, x)
+                seconds[key].append(elapsed)
+                faults[key].append(fault_count)
+
+    print(
+        f"resnet50, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
+        f"eval mode, inference_mode; median of {args.repeats} alternating forward passes"
+    )
+    print(f"NAM sites: {len(sites)}; folded: {folded_count} (fold_nam took {fold_ms:.1f} ms)")
+    scale = outputs["NAM"].abs().max().item()
+    effect = (outputs["NAM"] - outputs["no NAM"]).abs().max().item()
+    print(f"outputs up to {scale:.3g}; max |NAM - no NAM| = {effect:.3g}")
+    for key in models:
+        if key.startswith("NAM folded"):
+            diff = (outputs[key] - outputs["NAM"]).abs().max().item()
+            print(f"max |{key} - NAM| = {diff:.3g}")
+    print()
+    median = {key: statistics.median(times) for key, times in seconds.items()}
+    print(f"{'variant':<22} {'median ms':>10} {'min ms':>9} {'vs no NAM':>10} {'page faults':>12}")
+    for key, times in seconds.items():
+        # a compiled model is compared with the compiled model without NAM
+        base = median["no NAM, compiled" if key.endswith("compiled") else "no NAM"]
+        print(
+            f"{key:<22} {median[key] * 1e3:>10.1f} {min(times) * 1e3:>9.1f} "
+            f"{median[key] / base:>9.3f}x {statistics.median(faults[key]):>12.0f}"
+        )
+    print()
+    for folded_key, base_key in [
+        ("NAM folded", "no NAM"),
+        ("NAM folded, compiled", "no NAM, compiled"),
+    ]:
+        if folded_key in median:
+            ratio = median[folded_key] / median[base_key]
+            verdict = "met" if ratio <= TARGET else "NOT met"
+            print(
+                f"target, {folded_key} within {TARGET - 1:.0%} of {base_key}: "
+                f"{verdict} ({ratio:.3f}x)"
+            )
+
+
+if __name__ == "__main__":
+    main()

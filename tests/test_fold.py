@@ -1,0 +1,320 @@
+"""Folding NAM for inference (nam_lightning.fold): exactness, refusals, export, compilation.
+
+The reference is the unfolded model in eval mode, and for a single site the NAM formulas written
+out by hand. Every BatchNorm gets random scale factors of both signs, shifts and running
+statistics, so a wrong term in the folding shows. Outputs are compared in float32 at 1e-6 (the
+statistics are kept moderate so the logits stay well under 1: a float32 resnet50 with logits
+of order 1 is itself ~1e-6 away from its float64 self) and in float64, where the folding must
+be exact to rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models import resnet
+
+from nam_lightning import NAM, NAMSite, inject_nam, prune_channels, remove_nam
+from nam_lightning.fold import FoldedNAM, fold_nam
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny inputs: one thread is as fast as two and immune to a busy, shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def randomise_bns(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            n = m.num_features
+            sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+            if m.weight is not None and m.bias is not None:
+                m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=g) * sign)
+                m.bias.copy_(torch.empty(n).uniform_(-0.25, 0.25, generator=g))
+            if m.running_mean is not None and m.running_var is not None:
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.25)
+                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
+    return model
+
+
+def build(name: str, spatial: bool = False, x: torch.Tensor | None = None) -> nn.Module:
+    """A torchvision model with NAM and random BatchNorms, in eval mode."""
+    model = getattr(torchvision.models, name)(weights=None, num_classes=10)
+    inject_nam(model, spatial=spatial, example_inputs=x)
+    return randomise_bns(model).eval()
+
+
+def tiny(spatial: bool = False) -> nn.Module:
+    """conv-BN-ReLU, a BasicBlock, pooling, a classifier: the smallest NAM model."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        resnet.BasicBlock(8, 8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    inject_nam(model, spatial=spatial, example_inputs=torch.randn(1, 3, 6, 5))
+    return randomise_bns(model).eval()
+
+
+def folded(model: nn.Module) -> nn.Module:
+    out = copy.deepcopy(model)
+    fold_nam(out)
+    return out
+
+
+def count_sites(model: nn.Module) -> int:
+    return sum(isinstance(m, NAMSite) for m in model.modules())
+
+
+def snapshot(model: nn.Module) -> tuple[dict[str, Any], list[type]]:
+    state = {
+        k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+        for k, v in model.state_dict().items()
+    }
+    return state, [type(m) for m in model.modules()]
+
+
+def assert_unchanged(model: nn.Module, before: tuple[dict[str, Any], list[type]]) -> None:
+    state, types = snapshot(model)
+    assert types == before[1]
+    assert list(state) == list(before[0])
+    for key, value in before[0].items():
+        if torch.is_tensor(value):
+            torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+        else:
+            assert state[key] == value
+
+
+def bn_eval(x: torch.Tensor, bn: _BatchNorm) -> torch.Tensor:
+    """BatchNorm with running statistics, written out; features on dim 1."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mean, var = bn.running_mean.view(shape), bn.running_var.view(shape)
+    return (x - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
+
+
+@torch.no_grad()
+def test_folded_site_matches_the_nam_formulas():
+    """One BatchNorm2d + NAM site with a large eps and pruned mass, against the paper's maths."""
+    c, h, w = 3, 2, 3
+    bn = nn.BatchNorm2d(c, eps=0.3)
+    site = NAMSite(bn, NAM(c, spatial_size=(h, w), eps=0.2))
+    randomise_bns(site, seed=1)
+    site.nam.channel.pruned_mass.fill_(0.7)
+    model = nn.Sequential(site).double().eval()
+    z = torch.randn(4, c, h, w, dtype=torch.float64)
+
+    nam = site.nam
+    x = bn_eval(z, bn)
+    gamma = nam.channel.bn.weight
+    weights = gamma.abs() / (gamma.abs().sum() + nam.channel.pruned_mass)
+    x = x * torch.sigmoid(weights.view(1, -1, 1, 1) * bn_eval(x, nam.channel.bn))
+    flat = x.reshape(4 * c, h * w)  # positions are the features of the spatial BatchNorm
+    assert nam.spatial is not None
+    lam = nam.spatial.bn.weight
+    flat = flat * torch.sigmoid(lam.abs() / lam.abs().sum() * bn_eval(flat, nam.spatial.bn))
+    expected = flat.view(4, c, h, w)
+    torch.testing.assert_close(model(z), expected, rtol=0, atol=1e-12)
+
+    assert fold_nam(model) == 1
+    assert isinstance(model[0], FoldedNAM) and model[0].bn_scale is not None
+    torch.testing.assert_close(model(z), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["channel", "spatial"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+@torch.no_grad()
+def test_folded_model_matches_unfolded(name, spatial):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model = build(name, spatial, x)
+    sites = [n for n, m in model.named_modules() if isinstance(m, NAMSite)]
+    result = copy.deepcopy(model)
+    assert fold_nam(result) == len(sites)
+    assert count_sites(result) == 0
+    for site in sites:  # each auto site wraps a BatchNorm2d, which is folded in too
+        assert isinstance(result.get_submodule(site), FoldedNAM)
+        assert result.get_submodule(site).bn_scale is not None
+    expected = model(x)
+    without_nam = copy.deepcopy(model)
+    remove_nam(without_nam)
+    assert (expected - without_nam(x)).abs().max() > 1e-2  # NAM changes the outputs
+    torch.testing.assert_close(result(x), expected, rtol=0, atol=1e-6)
+
+    model64 = model.double()
+    torch.testing.assert_close(folded(model64)(x.double()), model64(x.double()), rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_fold_after_channel_pruning():
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model = build("resnet18", spatial=True, x=x)
+    prune_channels(model, x, 0.4, measure=False)
+    masses = [m.nam.channel.pruned_mass for m in model.modules() if isinstance(m, NAMSite)]
+    assert any(mass > 0 for mass in masses)
+    model.eval()
+    torch.testing.assert_close(folded(model)(x), model(x), rtol=0, atol=1e-6)
+    model64 = model.double()
+    torch.testing.assert_close(folded(model64)(x.double()), model64(x.double()), rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_sites_that_are_not_foldable_batchnorms_keep_their_module():
+    """A conv site, and a BatchNorm without running statistics, stay in front of the fold."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.BatchNorm2d(6, track_running_stats=False),
+        nn.Conv2d(6, 4, 1),
+    )
+    inject_nam(model, sites=["1", "2"])
+    randomise_bns(model).eval()
+    x = torch.randn(3, 3, 7, 7)
+    result = folded(model)
+    for index in ("1", "2"):
+        kept = result.get_submodule(index)
+        assert isinstance(kept, nn.Sequential) and isinstance(kept[1], FoldedNAM)
+        assert kept[1].bn_scale is None
+    torch.testing.assert_close(result(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_folded_modules_are_parameter_free_buffers_that_travel():
+    x = torch.randn(1, 3, SIZE, SIZE)
+    model = build("resnet18", spatial=True, x=x)
+    result = folded(model)
+    for module in result.modules():
+        if isinstance(module, FoldedNAM):
+            assert not list(module.parameters())
+    # The folded model holds the parameters of the model without NAM, less those of the
+    # BatchNorms folded into the sites (they became buffers).
+    plain = copy.deepcopy(model)
+    site_names = [n for n, m in plain.named_modules() if isinstance(m, NAMSite)]
+    remove_nam(plain)
+    folded_bn_params = {f"{n}.{p}" for n in site_names for p in ("weight", "bias")}
+    expected = {n for n, _ in plain.named_parameters()} - folded_bn_params
+    assert {n for n, _ in result.named_parameters()} == expected
+    assert sum(p.numel() for p in result.parameters()) == sum(
+        p.numel() for n, p in plain.named_parameters() if n in expected
+    )
+
+    state = result.state_dict()
+    assert {"layer1.0.bn2.gate_scale", "layer1.0.bn2.pixel_shift"} <= set(state)
+    again = folded(model)
+    again.load_state_dict(state)
+    result.double()
+    assert result.get_submodule("layer1.0.bn2").gate_scale.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda m: m.train(), "eval mode"),
+        (lambda m: m.get_submodule("layer4.1.bn2").nam.train(), "layer4.1.bn2.nam"),
+        (
+            lambda m: _no_running_stats(m.get_submodule("layer4.1.bn2").nam.channel.bn),
+            "track_running_stats=False",
+        ),
+        (
+            lambda m: _no_running_stats(m.get_submodule("layer4.1.bn2").nam.spatial.bn),
+            "nam.spatial.bn",
+        ),
+    ],
+    ids=["training", "site-training", "channel-bn-stats", "spatial-bn-stats"],
+)
+def test_refusals_leave_the_model_unchanged(break_it, message):
+    model = build("resnet18", spatial=True, x=torch.randn(1, 3, SIZE, SIZE))
+    break_it(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        fold_nam(model)
+    assert_unchanged(model, before)
+
+
+def _no_running_stats(bn: _BatchNorm) -> None:
+    bn.track_running_stats = False
+    bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+
+
+def test_nothing_to_fold_and_a_second_fold_raise():
+    plain = torchvision.models.resnet18(num_classes=10).eval()
+    before = snapshot(plain)
+    with pytest.raises(ValueError, match=r"Nothing to fold.*inject_nam"):
+        fold_nam(plain)
+    assert_unchanged(plain, before)
+
+    model = tiny()
+    assert fold_nam(model) == 1
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"Nothing to fold.*already folded"):
+        fold_nam(model)
+    assert_unchanged(model, before)
+
+    with pytest.raises(TypeError, match="`model` must be a torch"):
+        fold_nam("resnet18")  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def test_folded_model_exports_and_runs_in_onnxruntime(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model = folded(build("resnet18", spatial=True, x=x))
+    expected = model(x)
+
+    program = torch.export.export(model, (x,))
+    torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-6)
+
+    path = tmp_path / "folded.onnx"
+    torch.onnx.export(model, (x,), path, dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+@torch.no_grad()
+def test_folded_model_compiles_without_graph_breaks():
+    model = folded(tiny(spatial=True))
+    x = torch.randn(3, 3, 6, 5)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_folded_spatial_attention_rejects_another_resolution():
+    model = folded(tiny(spatial=True))
+    with pytest.raises(ValueError, match="6x5 feature maps but got 6x6"):
+        model(torch.randn(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"gate_shift": torch.zeros(4)}, ValueError, "`gate_scale` and `gate_shift` must be 1-D"),
+        ({"bn_scale": torch.ones(3)}, TypeError, "`bn_scale` and `bn_shift` must both be"),
+        ({"bn_scale": torch.ones(2), "bn_shift": torch.ones(2)}, ValueError, "`bn_scale` has"),
+        ({"pixel_scale": torch.ones(6), "pixel_shift": torch.ones(6)}, ValueError, "2-D"),
+    ],
+)
+def test_folded_nam_rejects_mismatched_buffers(kwargs, error, match):
+    arguments = {"gate_scale": torch.ones(3), "gate_shift": torch.zeros(3), **kwargs}
+    with pytest.raises(error, match=match):
+        FoldedNAM(**arguments)
