@@ -251,7 +251,7 @@ def print_table(name: str, batch: int, size: int, variants: dict[str, Variant]) 
     )
 
 
-def verdicts(variants: dict[str, Variant]) -> None:
+def verdicts(variants: dict[str, Variant], busy: bool) -> None:
     base, plain, ours = (variants[k] for k in VARIANTS)
     base_ms = statistics.median(base.step_ms)
     ratio = statistics.median(ours.step_ms) / base_ms
@@ -262,11 +262,16 @@ def verdicts(variants: dict[str, Variant]) -> None:
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "FAIL"
 
+    # A slow spell of a shared machine can hit one variant's steps more than another's, so the
+    # ratio of medians alone can pass by luck: the paired ratio must meet the target too.
+    paired = paired_ratio(ours, base)
     print("\n== targets (resnet50) ==")
+    if busy:
+        print("(the machine was busy: the step-time verdict is unreliable, rerun on a quiet one)")
     print(
-        f"{verdict(ratio <= STEP_RATIO_TARGET)}  step time ours / no NAM = {ratio:.3f} "
-        f"<= {STEP_RATIO_TARGET} (paired: {paired_ratio(ours, base):.3f}; straightforward in "
-        f"the same run: {plain_ratio:.3f}, paired {paired_ratio(plain, base):.3f})"
+        f"{verdict(max(ratio, paired) <= STEP_RATIO_TARGET)}  step time ours / no NAM = "
+        f"{ratio:.3f}, paired {paired:.3f}, both <= {STEP_RATIO_TARGET} (straightforward in the "
+        f"same run: {plain_ratio:.3f}, paired {paired_ratio(plain, base):.3f})"
     )
     print(
         f"{verdict(fraction <= EXTRA_MEMORY_TARGET)}  extra saved memory ours / straightforward "
@@ -325,17 +330,18 @@ def main() -> None:
         "storages saved for backward by one forward pass. paired x: median over repetitions "
         "of the step time / no NAM's in the same repetition."
     )
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if busy > (os.cpu_count() or 1) - args.threads + 0.5:
+    start_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = start_load > (os.cpu_count() or 1) - args.threads + 0.5
+    if busy:
         print(
-            f"WARNING: load average {busy:.2f} on {os.cpu_count()} CPUs: other processes compete "
-            "for the cores, so the step times (even the ratios) are unreliable."
+            f"WARNING: load average {start_load:.2f} on {os.cpu_count()} CPUs: other processes "
+            "compete for the cores, so the step times (even the ratios) are unreliable."
         )
     names = list(MODELS) if args.model == "all" else [args.model]
     results = {name: bench_model(name, args.reps, args.warmup) for name in names}
     print(f"\nload average at end: {load()}")
     if "resnet50" in results:
-        verdicts(results["resnet50"])
+        verdicts(results["resnet50"], busy)
     else:
         print("\n(the targets are checked on resnet50, which this run did not measure)")
 
