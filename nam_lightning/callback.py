@@ -33,7 +33,7 @@ from typing_extensions import override
 
 from .attention import NAMSite
 from .inject import Sites, inject_nam, resolve_sites
-from .pruning import PruneConfig, prune_channels
+from .pruning import PruneConfig
 from .record import PRUNING_ATTR
 from .report import PruneReport
 from .sparsity import (
@@ -240,17 +240,7 @@ class NAMCallback(Callback):
             example = example.to(device)
         elif isinstance(example, tuple):
             example = tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
-        config = self.prune
-        self.report = prune_channels(
-            pl_module,
-            example,
-            config.amount,
-            flops_target=config.flops_target,
-            importance=config.importance,
-            scope=config.scope,
-            max_layer_amount=config.max_layer_amount,
-            round_to=config.round_to,
-        )
+        self.report = self.prune.apply(pl_module, example)
         record = vars(pl_module)[PRUNING_ATTR]["passes"][-1]["history"]
         digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)

@@ -28,7 +28,7 @@ from .callback import NAMCallback
 from .checkpoint import load_checkpoint
 from .models import ImageClassifier
 from .pipeline import check_run_dir, example_batch, render_markdown, run_pipeline
-from .pruning import PruneConfig, prune_channels
+from .pruning import PruneConfig
 
 PIPELINE_COMMANDS = ("run", "prune", "finetune")
 RUN_DIR_ENV = "NAM_LIGHTNING_RUN_DIR"
@@ -204,16 +204,7 @@ class NAMLightningCLI(LightningCLI):
         config = self._config()
         trained = load_checkpoint(type(model), ckpt_path)
         pruning = config["pruning"]
-        report = prune_channels(
-            trained,
-            example_batch(datamodule),
-            pruning.amount,
-            flops_target=pruning.flops_target,
-            importance=pruning.importance,
-            scope=pruning.scope,
-            max_layer_amount=pruning.max_layer_amount,
-            round_to=pruning.round_to,
-        )
+        report = pruning.apply(trained, example_batch(datamodule))
         self.trainer.strategy.connect(trained)
         self.trainer.save_checkpoint(Path(run_dir) / "pruned.ckpt", weights_only=True)
         (Path(run_dir) / "prune_report.json").write_text(json.dumps(report.to_dict(), indent=2))

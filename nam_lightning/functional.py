@@ -51,8 +51,14 @@ def _gate_forward(
 
 
 def _gate_sums(
-    dy: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
-    a: torch.Tensor, b: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    p: torch.Tensor,
+    q: torch.Tensor,
 ) -> tuple[torch.Tensor, ...]:
     """Backward pass 1: the per-channel sums that give the coefficients' gradients."""
     zh = (z - mean) * invstd

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from .pruning import PruneConfig, prune_channels
+from .pruning import PruneConfig
 from .report import PruneReport, count_flops, count_params, measure_latency
 from .sparsity import scale_factors
 
@@ -88,17 +88,7 @@ def run_pipeline(
     stages = [measure_stage("trained", trainer, model, datamodule, batch)]
     gammas_trained = _backbone_gammas(model)
 
-    report = prune_channels(
-        model,
-        batch,
-        pruning.amount,
-        flops_target=pruning.flops_target,
-        importance=pruning.importance,
-        scope=pruning.scope,
-        max_layer_amount=pruning.max_layer_amount,
-        round_to=pruning.round_to,
-        measure=False,
-    )
+    report = pruning.apply(model, batch, measure=False)
     stages.append(measure_stage("pruned", trainer, model, datamodule, batch))
     trainer.save_checkpoint(run_dir / "pruned.ckpt")
 

@@ -75,6 +75,20 @@ class PruneConfig:
             self.round_to,
         )
 
+    def apply(self, model: nn.Module, example_inputs: Any, measure: bool = True) -> PruneReport:
+        """:func:`prune_channels` with these arguments."""
+        return prune_channels(
+            model,
+            example_inputs,
+            self.amount,
+            flops_target=self.flops_target,
+            importance=self.importance,
+            scope=self.scope,
+            max_layer_amount=self.max_layer_amount,
+            round_to=self.round_to,
+            measure=measure,
+        )
+
 
 def prune_channels(
     model: nn.Module,
@@ -239,23 +253,6 @@ class _ScaleImportance(tp.importance.Importance):
         return scores.double() + 1e-9 * position  # tied layers then lose the same fraction
 
 
-def _prune(
-    model: nn.Module,
-    example_inputs: Any,
-    amount: float,
-    importance: str,
-    scope: str,
-    max_layer_amount: float,
-    round_to: int | None,
-    ignored: list[nn.Module],
-) -> tuple[list[list[Any]], float | None, int]:
-    """One pruning pass; returns the history, the threshold used and the channels removed."""
-    with _without_spatial_attention(model):
-        return _prune_channels_only(
-            model, example_inputs, amount, importance, scope, max_layer_amount, round_to, ignored
-        )
-
-
 @contextlib.contextmanager
 def _without_spatial_attention(model: nn.Module) -> Iterator[None]:
     """Take NAM's spatial attention out while the dependency graph is traced and cut.
@@ -274,7 +271,7 @@ def _without_spatial_attention(model: nn.Module) -> Iterator[None]:
             nam.spatial = spatial
 
 
-def _prune_channels_only(
+def _prune(
     model: nn.Module,
     example_inputs: Any,
     amount: float,
@@ -284,56 +281,59 @@ def _prune_channels_only(
     round_to: int | None,
     ignored: list[nn.Module],
 ) -> tuple[list[list[Any]], float | None, int]:
-    scorer = _ScaleImportance(model, use_nam=importance == "nam")
-    nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
-    try:
-        # tracing needs autograd; eval mode keeps the BatchNorm statistics still
-        with eval_mode(model, grad=True):
-            pruner = tp.pruner.BasePruner(
-                model,
-                as_args(example_inputs),
-                importance=scorer.ranked,
-                global_pruning=scope == "global",
-                pruning_ratio=amount,
-                max_pruning_ratio=max_layer_amount,
-                round_to=round_to,
-                ignored_layers=ignored,
-            )
-    except (ZeroDivisionError, IndexError, KeyError) as err:
-        raise ValueError(
-            f"Torch-Pruning could not trace the channel dependencies of {type(model).__name__} "
-            f"({type(err).__name__}: {err}). Layers that reorder channels, such as ShuffleNet's "
-            "channel shuffle, are beyond it."
-        ) from err
-    threshold: float | None = None
-    removed = 0
-    # Torch-Pruning drops a group that would lose every channel before we see it; let it through
-    # so that _cap trims it to max_layer_amount, and check validity after the trim instead.
-    check = pruner.DG.check_pruning_group
-    pruner.DG.check_pruning_group = lambda group: True
-    for group in pruner.step(interactive=True):
-        group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
-        if group is None or not check(group):
-            continue
-        idxs = [int(i) for i in group[0][1]]
-        if not idxs:
-            continue
-        if scores is not None:
-            # grouped convolutions rank a channel by its mean over the channel groups
-            per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)
-            top = float(per_base[[i % len(per_base) for i in idxs]].max())
-            threshold = top if threshold is None else max(threshold, top)
-        removed += len(idxs)
-        for dep, dep_idxs in group:
-            nam = nam_of_bn.get(id(dep.layer))
-            if nam is not None and nam.bn.weight is not None:
-                mass = nam.bn.weight.detach().abs()[list(dep_idxs)].sum()
-                nam.pruned_mass = nam.pruned_mass + mass.to(nam.pruned_mass.dtype)
-        group.prune()
-    history = [
-        [name, bool(out), [int(i) for i in idxs]] for name, out, idxs in pruner.pruning_history()
-    ]
-    return history, threshold, removed
+    """One pruning pass; returns the history, the threshold used and the channels removed."""
+    with _without_spatial_attention(model):
+        scorer = _ScaleImportance(model, use_nam=importance == "nam")
+        nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
+        try:
+            # tracing needs autograd; eval mode keeps the BatchNorm statistics still
+            with eval_mode(model, grad=True):
+                pruner = tp.pruner.BasePruner(
+                    model,
+                    as_args(example_inputs),
+                    importance=scorer.ranked,
+                    global_pruning=scope == "global",
+                    pruning_ratio=amount,
+                    max_pruning_ratio=max_layer_amount,
+                    round_to=round_to,
+                    ignored_layers=ignored,
+                )
+        except (ZeroDivisionError, IndexError, KeyError) as err:
+            raise ValueError(
+                "Torch-Pruning could not trace the channel dependencies of "
+                f"{type(model).__name__} ({type(err).__name__}: {err}). Layers that reorder "
+                "channels, such as ShuffleNet's channel shuffle, are beyond it."
+            ) from err
+        threshold: float | None = None
+        removed = 0
+        # Torch-Pruning drops a group that would lose every channel before we see it; let it through
+        # so that _cap trims it to max_layer_amount, and check validity after the trim instead.
+        check = pruner.DG.check_pruning_group
+        pruner.DG.check_pruning_group = lambda group: True
+        for group in pruner.step(interactive=True):
+            group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
+            if group is None or not check(group):
+                continue
+            idxs = [int(i) for i in group[0][1]]
+            if not idxs:
+                continue
+            if scores is not None:
+                # grouped convolutions rank a channel by its mean over the channel groups
+                per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)
+                top = float(per_base[[i % len(per_base) for i in idxs]].max())
+                threshold = top if threshold is None else max(threshold, top)
+            removed += len(idxs)
+            for dep, dep_idxs in group:
+                nam = nam_of_bn.get(id(dep.layer))
+                if nam is not None and nam.bn.weight is not None:
+                    mass = nam.bn.weight.detach().abs()[list(dep_idxs)].sum()
+                    nam.pruned_mass = nam.pruned_mass + mass.to(nam.pruned_mass.dtype)
+            group.prune()
+        history = [
+            [name, bool(out), [int(i) for i in idxs]]
+            for name, out, idxs in pruner.pruning_history()
+        ]
+        return history, threshold, removed
 
 
 def _cap(
