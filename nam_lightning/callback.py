@@ -41,6 +41,7 @@ from .sparsity import (
     add_l1_subgradient_,
     check_targets,
     l1_norm,
+    non_finite,
     scale_factors,
     sparsity,
 )
@@ -227,6 +228,7 @@ class NAMCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.prune is None:
             return
+        self._check_finite(pl_module)
         example = pl_module.example_input_array
         if example is None:
             example = self._example
@@ -271,8 +273,19 @@ class NAMCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_finite(pl_module)
         if self.log_on == "epoch":
             self._log(pl_module, on_step=False)
+
+    def _check_finite(self, pl_module: pl.LightningModule) -> None:
+        """Stop when a scale factor is NaN or inf, before it spreads (once per epoch)."""
+        bad = non_finite(pl_module, self.targets)
+        if bad:
+            raise RuntimeError(
+                f"NAMCallback: BatchNorm scale factors became NaN or inf ({', '.join(bad[:5])}); "
+                "training diverged, so it is stopped here rather than pruned or saved further. "
+                "Lower the learning rate or `lambda_`, or resume from an earlier checkpoint."
+            )
 
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:

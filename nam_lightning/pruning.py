@@ -40,6 +40,7 @@ from .report import (
     layer_channels,
     measure_latency,
 )
+from .sparsity import non_finite
 
 Importance = Literal["bn", "nam"]
 Scope = Literal["global", "local"]
@@ -141,6 +142,12 @@ def prune_channels(
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm layer: channel pruning ranks channels by "
             "BatchNorm scale factors, so there is nothing to rank."
+        )
+    bad = non_finite(model)
+    if bad:
+        raise ValueError(
+            f"BatchNorm scale factors hold NaN or inf ({', '.join(bad[:5])}): channels cannot be "
+            "ranked; the training diverged (lower the learning rate or `lambda_`)."
         )
     if importance == "nam" and not nam_bns:
         raise ValueError("`importance='nam'` needs NAM modules in the model (see inject_nam)")

@@ -93,6 +93,15 @@ def sparsity(params: Iterable[torch.Tensor], threshold: float = 1e-2) -> torch.T
     return (torch.cat(flat).abs() < threshold).float().mean()
 
 
+def non_finite(model: nn.Module, targets: Targets = "all") -> list[str]:
+    """Names of the targeted scale factors holding NaN or inf (one host sync in all)."""
+    params = scale_factors(model, targets)
+    if not params or bool(torch.isfinite(l1_norm(params).detach())):
+        return []
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())]
+
+
 def check_targets(targets: object) -> None:
     if targets not in TARGETS:
         raise ValueError(f"`targets` must be one of {TARGETS}, got {targets!r}")

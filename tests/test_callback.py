@@ -268,3 +268,26 @@ def test_prune_at_end_of_fit_then_finetune(example_array: bool) -> None:
 def test_bad_prune_argument(prune: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         NAMCallback(prune=prune)
+
+
+class Diverging(Classifier):
+    """A run whose first BatchNorm scale factor turns NaN on its third step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if batch_idx == 2:
+            with torch.no_grad():
+                self.net[1].weight[0] = float("nan")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("prune", [None, 0.5])
+def test_non_finite_scale_factors_stop_training_with_a_clear_message(prune: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Diverging()
+    trainer = pl.Trainer(
+        callbacks=[NAMCallback(LAMBDA, prune=prune)], **trainer_kwargs(max_steps=-1, max_epochs=2)
+    )
+    with pytest.raises(RuntimeError, match=r"became NaN or inf \(net\.1\.weight"):
+        trainer.fit(model)
+    assert trainer.current_epoch == 0  # stopped at the end of the first epoch
+    assert model.net[1].weight.shape == (8,)  # and never pruned

@@ -584,3 +584,16 @@ def test_report_serialises_and_reads() -> None:
     assert str(report) == table
     for word in ("params", "FLOPs", "latency", f"{report.params_after:,}", "3: 16 -> 8"):
         assert word in table, word
+
+
+def test_non_finite_scale_factors_are_refused_untouched() -> None:
+    model = build("resnet18")
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[3] = float("nan")
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"NaN or inf \(layer1\.0\.bn1\.weight\)"):
+        prune_channels(model, torch.randn(1, 3, 32, 32), 0.5, measure=False)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    for key, value in model.state_dict().items():  # NaN != NaN: compare with equal_nan
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True)

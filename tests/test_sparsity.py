@@ -353,3 +353,14 @@ def test_sparsity_of_nothing_is_zero() -> None:
 
 def test_sparsity_of_zero_element_params_is_zero() -> None:
     assert sparsity([torch.empty(0), torch.empty(0, 3)]).item() == 0.0
+
+
+def test_non_finite_names_the_bad_scale_factors() -> None:
+    from nam_lightning.sparsity import non_finite
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    assert non_finite(model) == []
+    with torch.no_grad():
+        model[2].weight[1] = float("inf")
+    assert non_finite(model) == ["2.weight"]
+    assert non_finite(model, "nam") == []
