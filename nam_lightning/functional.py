@@ -37,7 +37,7 @@ def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(z, dim=(0, 2, 3), keepdim=True, correction=0)
 
 
-def _gate_forward(
+def _gate_parts(
     z: torch.Tensor,
     mean: torch.Tensor,
     invstd: torch.Tensor,
@@ -45,26 +45,27 @@ def _gate_forward(
     b: torch.Tensor,
     p: torch.Tensor,
     q: torch.Tensor,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``zh``, the gated input ``x = a zh + b`` and the gate ``s = sigmoid(p zh + q)``
+    (recomputed in each kernel instead of being kept for backward)."""
     zh = (z - mean) * invstd
-    return (a * zh + b) * torch.sigmoid(p * zh + q)
+    return zh, a * zh + b, torch.sigmoid(p * zh + q)
+
+
+def _gate_forward(z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
+    """``(a * zh + b) * sigmoid(p * zh + q)``; ``coefficients = (mean, invstd, a, b, p, q)``."""
+    _, x, s = _gate_parts(z, *coefficients)
+    return x * s
 
 
 def _gate_sums(
-    dy: torch.Tensor,
-    z: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
+    dy: torch.Tensor, z: torch.Tensor, *coefficients: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     """Backward pass 1: the per-channel sums that give the coefficients' gradients."""
-    zh = (z - mean) * invstd
-    s = torch.sigmoid(p * zh + q)
+    _, invstd, a, _, p, _ = coefficients
+    zh, x, s = _gate_parts(z, *coefficients)
     dx = dy * s  # through the gated input
-    dt = dy * (a * zh + b) * s * (1 - s)  # through the gate's argument
+    dt = dy * x * s * (1 - s)  # through the gate's argument
     dims = (0, 2, 3)
     da = (dx * zh).sum(dims, keepdim=True)
     db = dx.sum(dims, keepdim=True)
@@ -77,21 +78,14 @@ def _gate_sums(
 
 
 def _gate_input_grad(
-    dy: torch.Tensor,
-    z: torch.Tensor,
-    mean: torch.Tensor,
-    invstd: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    p: torch.Tensor,
-    q: torch.Tensor,
-    dmean: torch.Tensor,
-    dvar: torch.Tensor,
+    dy: torch.Tensor, z: torch.Tensor, *coefficients_and_stat_grads: torch.Tensor
 ) -> torch.Tensor:
-    """Backward pass 2: ``dz``, direct and through the batch statistics (mean, biased var)."""
-    zh = (z - mean) * invstd
-    s = torch.sigmoid(p * zh + q)
-    dzh = a * dy * s + p * dy * (a * zh + b) * s * (1 - s)
+    """Backward pass 2: ``dz``, direct and through the batch statistics (mean, biased var);
+    the arguments after ``z`` are the six coefficients, then ``dmean`` and ``dvar``."""
+    *coefficients, dmean, dvar = coefficients_and_stat_grads
+    mean, invstd, a, _, p, _ = coefficients
+    _, x, s = _gate_parts(z, *coefficients)
+    dzh = a * dy * s + p * dy * x * s * (1 - s)
     count = z.numel() // z.shape[1]
     return dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean)
 
