@@ -14,7 +14,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -53,14 +52,7 @@ HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads gain nothing, and on a busy 2-core machine two
-    threads make every step several times slower (measured: a `run` 3 s vs 10-20 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,13 +27,7 @@ from nam_lightning.fold import FoldedNAM, fold_nam
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny inputs: one thread is as fast as two and immune to a busy, shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

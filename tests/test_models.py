@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,15 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from nam_lightning import NAMChannelAttention, inject_nam
 from nam_lightning.models import ImageClassifier, build_backbone, small_resnet
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These models are tiny: intra-op threads gain nothing, and on a busy 2-core machine two
-    threads make every step several times slower (measured: a `run` 3 s vs 10-20 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,14 +34,7 @@ from nam_lightning.report import count_flops, count_params
 ZERO = 4  # channels [0, ZERO) of every backbone BatchNorm carry nothing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """The inputs are tiny: one thread is as fast as two, and immune to a busy machine (a
-    second thread spin-waits for a core another process holds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, nam: bool = False) -> nn.Module:
