@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +29,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch_pruning.dependency import index_mapping
 
 from .attention import NAM, NAMChannelAttention
 from .record import PRUNING_ATTR, attach_record
@@ -212,7 +214,7 @@ def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
     """Redo recorded pruning passes on a freshly built model (for loading checkpoints)."""
     for step in record["passes"]:
         inputs = tuple(torch.zeros(shape) for shape in step["input_shapes"])
-        with _without_spatial_attention(model):
+        with _without_spatial_attention(model), _traceable():
             with eval_mode(model, grad=True):
                 graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
             graph.load_pruning_history([tuple(h) for h in step["history"]])
@@ -278,6 +280,95 @@ def _without_spatial_attention(model: nn.Module) -> Iterator[None]:
             nam.spatial = spatial
 
 
+@contextlib.contextmanager
+def _traceable() -> Iterator[list[Any]]:
+    """Mend two gaps of Torch-Pruning 1.6.1 while it builds a dependency graph.
+
+    Active for as long as the graph is used (Torch-Pruning updates its index mappings each time
+    it forms a group). Yields the list, filled as graphs are built, of the reshape nodes that
+    move channels to new positions (barriers): the caller must keep whole every channel group
+    crossing one.
+
+    - ``chunk`` and ``split`` with an int: Torch-Pruning looks for the piece sizes under an
+      attribute name older torch versions used, then guesses them from the consumers, wrongly
+      when a piece goes straight into a concatenation (ShuffleNet V2's blocks). The sizes are
+      set from the autograd node instead.
+    - A reshape that is not a flatten, such as ShuffleNet's channel shuffle ((N, C, H, W) ->
+      (N, g, C/g, H, W) -> transpose -> back), permutes channels; Torch-Pruning's index mapping
+      cannot express that: it divides by zero, or passes indices through unchanged, which would
+      cut the wrong channels. Such reshapes become barriers.
+    """
+    barriers: list[Any] = []
+    mended: weakref.WeakSet[Any] = weakref.WeakSet()
+    update_all = index_mapping.update_index_mapping
+    update_reshape = index_mapping.update_reshape_index_mapping
+
+    def reshape(graph: Any, node: Any) -> None:
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if sizes is not None and len(sizes) not in (2, 4):
+            barriers.append(node.module)
+            return
+        try:
+            update_reshape(graph, node)
+        except ZeroDivisionError:
+            barriers.append(node.module)
+
+    def update(graph: Any) -> None:  # at the build, and again for every group taken
+        if graph not in mended:  # the autograd sizes are those of the trace, so only once
+            mended.add(graph)
+            for node in graph.module2node.values():
+                if node.type == tp.ops.OPTYPE.SPLIT:
+                    _split_sizes_from_autograd(node)
+        update_all(graph)
+
+    index_mapping.update_index_mapping = update
+    index_mapping.update_reshape_index_mapping = reshape
+    try:
+        yield barriers
+    finally:
+        index_mapping.update_index_mapping = update_all
+        index_mapping.update_reshape_index_mapping = update_reshape
+
+
+def _split_sizes_from_autograd(node: Any) -> None:
+    """Channel sizes of a ``chunk``/``split(int)`` node, read from its autograd node."""
+    fn = node.grad_fn
+    size = getattr(fn, "_saved_split_size", None)
+    shape = getattr(fn, "_saved_self_sym_sizes", None)
+    if size is None or shape is None or len(shape) < 2 or getattr(fn, "_saved_dim", None) != 1:
+        return
+    total = int(shape[1])
+    sizes = [int(size)] * (total // int(size)) + ([total % int(size)] if total % int(size) else [])
+    if len(sizes) != len(node.outputs):  # a piece is unused: leave Torch-Pruning's guess
+        return
+    node.module.split_sizes = sizes
+    node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+
+def _crossing(pruner: Any, barriers: list[Any]) -> list[nn.Module]:
+    """The layers whose output channels belong to a group that crosses a barrier.
+
+    Ignoring them makes Torch-Pruning skip exactly those groups (it checks ignored layers on
+    the output-channel side only), and leaves them out of the count that ``amount`` is a
+    fraction of.
+    """
+    graph = pruner.DG
+    layers = set(pruner.model.modules())
+    crossing: list[nn.Module] = []
+    groups = graph.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    )
+    for group in groups:
+        nodes = [node for dep, _ in group for node in (dep.source, dep.target)]
+        if any(node.module in barriers for node in nodes):
+            crossing.extend(
+                dep.target.module
+                for dep, _ in group
+                if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)
+            )
+    return crossing
+
+
 def _prune(
     model: nn.Module,
     example_inputs: Any,
@@ -289,13 +380,14 @@ def _prune(
     ignored: list[nn.Module],
 ) -> tuple[list[list[Any]], float | None, int]:
     """One pruning pass; returns the history, the threshold used and the channels removed."""
-    with _without_spatial_attention(model):
+    with _without_spatial_attention(model), _traceable() as barriers:
         scorer = _ScaleImportance(model, use_nam=importance == "nam")
         nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
-        try:
+
+        def build(ignored: list[nn.Module]) -> Any:
             # tracing needs autograd; eval mode keeps the BatchNorm statistics still
             with eval_mode(model, grad=True):
-                pruner = tp.pruner.BasePruner(
+                return tp.pruner.BasePruner(
                     model,
                     as_args(example_inputs),
                     importance=scorer.ranked,
@@ -305,11 +397,15 @@ def _prune(
                     round_to=round_to,
                     ignored_layers=ignored,
                 )
+
+        try:
+            pruner = build(ignored)
+            if barriers:  # once more, with the layers whose channels cross a barrier kept whole
+                pruner = build(ignored + _crossing(pruner, barriers))
         except (ZeroDivisionError, IndexError, KeyError) as err:
             raise ValueError(
                 "Torch-Pruning could not trace the channel dependencies of "
-                f"{type(model).__name__} ({type(err).__name__}: {err}). Layers that reorder "
-                "channels, such as ShuffleNet's channel shuffle, are beyond it."
+                f"{type(model).__name__} ({type(err).__name__}: {err})."
             ) from err
         threshold: float | None = None
         removed = 0

@@ -19,6 +19,7 @@ import torch_pruning as tp
 import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models.shufflenetv2 import InvertedResidual
 
 import nam_lightning.pruning
 from nam_lightning import (
@@ -26,7 +27,9 @@ from nam_lightning import (
     PruneConfig,
     PruneReport,
     inject_nam,
+    load_checkpoint,
     prune_channels,
+    save_pruned,
 )
 from nam_lightning.record import PRUNING_ATTR
 from nam_lightning.report import count_flops, count_params
@@ -188,16 +191,7 @@ ZOO = [
     "regnet_y_400mf",
     "densenet121",  # no NAM site: pruned without NAM
     "vgg11_bn",  # no NAM site
-    pytest.param(
-        "shufflenet_v2_x1_0",  # no NAM site
-        marks=pytest.mark.xfail(
-            strict=True,
-            raises=ValueError,
-            reason="torch-pruning 1.6.1 cannot map channel indices through ShuffleNet's "
-            "channel_shuffle (ZeroDivisionError in update_reshape_index_mapping while the graph "
-            "is built); prune_channels reports it clearly and leaves the model unchanged",
-        ),
-    ),
+    "shufflenet_v2_x1_0",  # no NAM site; its channel shuffle keeps the block outputs whole
 ]
 
 
@@ -228,14 +222,49 @@ def test_zoo_prunes_half_and_still_trains(name: str) -> None:
     assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
 
 
-def test_shufflenet_failure_leaves_model_unchanged() -> None:
-    model = randomise_bns(build("shufflenet_v2_x1_0"))
-    before = snapshot(model)
-    with pytest.raises(ValueError, match="the model is unchanged") as info:
-        prune_channels(model, torch.randn(1, 3, 32, 32), 0.5, measure=False)
-    assert "could not trace the channel dependencies" in str(info.value)
-    assert "channel shuffle" in str(info.value)
-    assert_unchanged(model, before)
+class ShuffleNet(torchvision.models.ShuffleNetV2):
+    """shufflenet_v2_x1_0 with 10 classes, as a class that ``load_checkpoint`` can build."""
+
+    def __init__(self) -> None:
+        super().__init__([4, 8, 4], [24, 116, 232, 464, 1024], num_classes=10)
+
+
+def test_shufflenet_keeps_shuffled_channels_and_prunes_the_rest_exactly() -> None:
+    """The channel shuffle permutes the blocks' output channels, which Torch-Pruning's index
+    mapping cannot follow: every channel that passes a shuffle stays. Prunable are each
+    block's inner branch channels, the stem's and the last conv's: 18 groups, whose zeroed
+    channels go first; removing them changes no output."""
+    model = randomise_bns(ShuffleNet(), zero=ZERO).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x).detach()
+    convs_before = conv_channels(model)
+    blocks = [n for n, m in model.named_modules() if isinstance(m, InvertedResidual)]
+    inner = [f"{n}.branch2.0" for n in blocks]  # and the depthwise conv after it
+    stem = ["conv1.0", "conv5.0"]  # and stage2.0.branch1.0, depthwise on the stem's output
+    total = sum(convs_before[n] for n in inner + stem)
+    groups = len(inner) + len(stem)
+
+    report = prune_channels(model, x, (ZERO * groups - 0.5) / total, measure=False)
+
+    assert report.removed_channels == ZERO * groups
+    assert report.threshold == 0
+    pruned = {*inner, *(f"{n}.branch2.3" for n in blocks), *stem, "stage2.0.branch1.0"}
+    assert conv_channels(model) == {
+        n: c - ZERO if n in pruned else c for n, c in convs_before.items()
+    }
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pruned_shufflenet_loads_back(tmp_path: Any) -> None:
+    model = randomise_bns(ShuffleNet())
+    x = torch.randn(2, 3, 32, 32)
+    prune_channels(model, x, 0.5, measure=False)
+    save_pruned(model, tmp_path / "shufflenet.pt")
+
+    loaded = load_checkpoint(ShuffleNet, tmp_path / "shufflenet.pt").eval()
+
+    assert conv_channels(loaded) == conv_channels(model)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
 def test_model_without_batchnorm_is_rejected_untouched() -> None:
