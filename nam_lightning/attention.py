@@ -13,6 +13,8 @@ any layer that produces ``(N, C, H, W)`` feature maps.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -54,6 +56,8 @@ class NAMChannelAttention(nn.Module):
     def __init__(self, channels: int, *, detach_weights: bool = True, eps: float = 1e-5) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
+        check_bool("detach_weights", detach_weights)
+        check_eps(eps)
         self.detach_weights = detach_weights
         self.bn = nn.BatchNorm2d(channels, eps=eps)
         self.register_buffer("pruned_mass", torch.zeros(()))
@@ -96,6 +100,8 @@ class NAMSpatialAttention(nn.Module):
             raise ValueError(f"`size` must be a pair (H, W) of positive ints, got {size!r}")
         _check_positive_int("size[0]", size[0])
         _check_positive_int("size[1]", size[1])
+        check_bool("detach_weights", detach_weights)
+        check_eps(eps)
         self.size = (int(size[0]), int(size[1]))
         self.detach_weights = detach_weights
         self.bn = nn.BatchNorm1d(self.size[0] * self.size[1], eps=eps)
@@ -140,6 +146,15 @@ class NAM(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if spatial_size is not None and not (
+            isinstance(spatial_size, (tuple, list))
+            and len(spatial_size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in spatial_size)
+        ):
+            raise ValueError(
+                "`spatial_size` must be None or a pair (H, W) of positive ints, "
+                f"got {spatial_size!r}"
+            )
         self.channel = NAMChannelAttention(channels, detach_weights=detach_weights, eps=eps)
         self.spatial = (
             None
@@ -167,6 +182,11 @@ class NAMSite(nn.Module):
 
     def __init__(self, module: nn.Module, nam: NAM, *, fuse: bool = True) -> None:
         super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"`module` must be a torch.nn.Module, got {type(module).__name__}")
+        if not isinstance(nam, NAM):
+            raise TypeError(f"`nam` must be a nam_lightning.NAM, got {type(nam).__name__}")
+        check_bool("fuse", fuse)
         self.module = module
         self.nam = nam
         self.fuse = fuse
@@ -182,3 +202,16 @@ class NAMSite(nn.Module):
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool (True or False), got {value!r}")
+
+
+def check_eps(eps: object) -> None:
+    """BatchNorm's ``eps``: a finite float > 0 (0 or less divides by zero on constant input)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"`eps` must be a float, got {type(eps).__name__}")
+    if not (0 < eps < math.inf):
+        raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}")

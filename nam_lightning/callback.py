@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -31,8 +31,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from .attention import NAMSite
-from .inject import Sites, inject_nam, resolve_sites
+from .attention import NAMSite, check_bool
+from .inject import Sites, check_sites, inject_nam, resolve_sites
 from .pruning import PruneConfig
 from .record import PRUNING_ATTR
 from .report import PruneReport
@@ -94,29 +94,15 @@ class NAMCallback(Callback):
         if not math.isfinite(lambda_) or lambda_ < 0:
             raise ValueError(f"`lambda_` must be a finite float >= 0, got {lambda_!r}")
         check_targets(targets)
-        if not (
-            sites == "auto"
-            or callable(sites)
-            or (
-                isinstance(sites, Sequence)
-                and not isinstance(sites, str)
-                and len(sites) > 0
-                and all(isinstance(s, str) for s in sites)
-            )
-        ):
-            raise ValueError(
-                "`sites` must be 'auto', a non-empty list of module names or a predicate "
-                f"(name, module) -> bool, got {sites!r}"
-            )
+        check_sites(sites)
         flags = (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse))
         for name, flag in flags:
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}` must be a bool, got {flag!r}")
-        if (
-            isinstance(sparsity_threshold, bool)
-            or not isinstance(sparsity_threshold, (int, float))
-            or not (0 < sparsity_threshold < math.inf)
-        ):
+            check_bool(name, flag)
+        if isinstance(sparsity_threshold, bool) or not isinstance(sparsity_threshold, (int, float)):
+            raise TypeError(
+                f"`sparsity_threshold` must be a float, got {type(sparsity_threshold).__name__}"
+            )
+        if not (0 < sparsity_threshold < math.inf):
             raise ValueError(
                 f"`sparsity_threshold` must be a finite float > 0, got {sparsity_threshold!r}"
             )
@@ -131,6 +117,11 @@ class NAMCallback(Callback):
         self.log_on = log_on
         self.fuse = fuse
         if isinstance(prune, (int, float)) and not isinstance(prune, bool):
+            if not 0 < prune < 1:  # NaN too
+                raise ValueError(
+                    "`prune`, a fraction of channels to remove, must be in (0, 1) (it is "
+                    f"PruneConfig's `amount`), got {prune!r}"
+                )
             prune = PruneConfig(amount=float(prune))
         if prune is not None and not isinstance(prune, PruneConfig):
             raise TypeError(
@@ -181,6 +172,14 @@ class NAMCallback(Callback):
                 "`spatial=True` needs `example_input_array` on the LightningModule: spatial "
                 "attention is sized from the real feature maps of one forward pass."
             )
+        # Checked before NAM goes in (NAM brings scale factors of its own, so only "bn" can
+        # select none): a refusal leaves the model as it was.
+        if self.targets == "bn" and not scale_factors(pl_module, "bn"):
+            raise ValueError(
+                f"`targets={self.targets!r}` selects no BatchNorm scale factor in "
+                f"{type(pl_module).__name__}: nothing to penalise. Use targets='nam' (NAM's own "
+                "scale factors) for a network without affine BatchNorm layers."
+            )
         sites = inject_nam(
             pl_module,
             self.sites,
@@ -189,11 +188,6 @@ class NAMCallback(Callback):
             example_inputs=example,
             fuse=self.fuse,
         )
-        if not scale_factors(pl_module, self.targets):
-            raise ValueError(
-                f"`targets={self.targets!r}` selects no BatchNorm scale factor in "
-                f"{type(pl_module).__name__}: nothing to penalise."
-            )
         if missing:
             rank_zero_info(
                 f"NAMCallback: NAM added at {len(missing)} site(s) ({len(sites)} in all); "

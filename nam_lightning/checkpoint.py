@@ -9,7 +9,9 @@ record stored in the state dict (see :mod:`nam_lightning.record`), and then load
 from __future__ import annotations
 
 import inspect
+import io
 import os
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -45,44 +47,118 @@ def load_checkpoint(
 
     Returns:
         The module, in training mode like a freshly built one.
+
+    Raises:
+        TypeError: ``cls`` is not a module class, ``path`` or ``map_location`` has the wrong
+            type, or ``kwargs`` names an argument ``cls`` does not take.
+        FileNotFoundError: ``path`` is not a file.
+        ValueError: the file cannot be read (truncated, not written by ``torch.save``), holds no
+            ``state_dict``, or its weights or record do not fit ``cls`` (another architecture).
+            The file is only read, never written.
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"`cls` must be a torch.nn.Module subclass, got {cls!r}")
-    checkpoint = read_checkpoint(path, map_location)
-    hparams_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
-    init_kwargs = {**dict(checkpoint.get(hparams_key) or {}), **kwargs}
     signature = inspect.signature(cls.__init__)
-    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    unknown = [k for k in kwargs if k not in signature.parameters or k == "self"]
+    if unknown and not takes_any:
+        accepted = [k for k in signature.parameters if k != "self"]
+        raise TypeError(
+            f"{unknown} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} of "
+            f"{cls.__name__}: the keyword arguments of load_checkpoint override the saved "
+            f"hyperparameters and must be among {accepted}."
+        )
+    checkpoint = read_checkpoint(path, map_location)
+    name = os.fspath(path)
+    hparams_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
+    saved = checkpoint.get(hparams_key) or {}
+    if not isinstance(saved, Mapping):
+        raise ValueError(
+            f"{name!r} holds {hparams_key!r} of type {type(saved).__name__}, not a dict of "
+            "constructor arguments: it was not written by Lightning or save_pruned."
+        )
+    init_kwargs = {**saved, **kwargs}
+    if not takes_any:
         init_kwargs = {k: v for k, v in init_kwargs.items() if k in signature.parameters}
-    model = cls(**init_kwargs)
+    try:
+        model = cls(**init_kwargs)
+    except TypeError as err:  # e.g. a required argument neither saved nor given
+        raise TypeError(
+            f"Cannot build {cls.__name__} with the arguments {sorted(init_kwargs)} (the "
+            f"hyperparameters saved in {name!r}, overridden by the keyword arguments): {err}"
+        ) from err
     hooks: Any = model  # LightningModule hooks, when ``cls`` is one
     if callable(getattr(hooks, "configure_model", None)):
         hooks.configure_model()
     state_dict = checkpoint["state_dict"]
-    rebuild(model, state_dict)
+    try:
+        rebuild(model, state_dict)
+    except ValueError as err:
+        raise ValueError(f"Cannot load {name!r}: {err}") from err
+    except Exception as err:  # a record that does not fit this class's modules
+        raise ValueError(
+            f"Cannot rebuild {cls.__name__} as the record in {name!r} describes it: it comes "
+            f"from another architecture (or other constructor arguments), or the file is "
+            f"damaged. {type(err).__name__}: {err}"
+        ) from err
     if callable(getattr(hooks, "on_load_checkpoint", None)):
         hooks.on_load_checkpoint(checkpoint)
-    model.load_state_dict(state_dict, strict=True)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise ValueError(
+            f"The weights in {name!r} do not fit {cls.__name__}: the checkpoint comes from "
+            f"another architecture (or other constructor arguments). {err}"
+        ) from err
     return model
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with clear errors for missing or foreign files."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
+    _check_map_location(map_location)
+    name = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"`path` {os.fspath(path)!r} is not a file")
+        what = "a directory" if os.path.isdir(path) else "missing"
+        raise FileNotFoundError(f"`path` {name!r} is not a file ({what})")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"Cannot read {name!r} as a checkpoint: the file is empty")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"Cannot read {os.fspath(path)!r} as a checkpoint (truncated, or not written by "
-            f"torch.save with plain containers): {err}"
+            f"Cannot read {name!r} as a checkpoint (truncated, not written by torch.save, or "
+            f"holding objects other than tensors and plain containers): "
+            f"{type(err).__name__}: {err}"
         ) from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        hint = ""
+        if (
+            isinstance(checkpoint, dict)
+            and checkpoint
+            and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        ):
+            hint = " It looks like a bare state dict: load it with model.load_state_dict()."
         raise ValueError(
-            f"{os.fspath(path)!r} holds no 'state_dict' entry: it is not a Lightning checkpoint "
-            "or a file written by nam_lightning."
+            f"{name!r} holds no 'state_dict' entry: it is not a Lightning checkpoint "
+            f"or a file written by nam_lightning.save_pruned.{hint}"
         )
     return checkpoint
+
+
+def _check_map_location(map_location: Any) -> None:
+    if map_location is None or callable(map_location) or isinstance(map_location, dict):
+        return
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(
+            "`map_location` must be a device (str or torch.device), a dict or a callable, as "
+            f"torch.load takes it, got {type(map_location).__name__}"
+        )
+    try:
+        torch.device(map_location)
+    except RuntimeError as err:
+        raise ValueError(f"`map_location` {map_location!r} is not a device: {err}") from err
 
 
 def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
@@ -127,10 +203,30 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str], **extra: Any) ->
     The file holds ``{"state_dict": ..., **extra}`` (pass ``hyper_parameters={...}`` for the
     constructor arguments) and loads with ``torch.load(weights_only=True)``. It is written to a
     temporary file first and renamed, so an existing file is never left half-written.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``path`` not a str or path, or an ``extra`` value
+            would not load with ``weights_only=True`` (only tensors and plain containers do).
+        ValueError: ``extra`` holds ``state_dict`` (the model's is written).
+        FileNotFoundError / IsADirectoryError: ``path``'s folder does not exist / ``path`` is
+            a folder. Nothing is written then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"`path` {path!r} is a directory; give a file name in it")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"`path` {path!r}: the folder {folder!r} does not exist")
+    if "state_dict" in extra:
+        raise ValueError(
+            "`state_dict` cannot be passed to save_pruned: the file's 'state_dict' is the model's"
+        )
+    if extra:
+        _check_loadable(extra)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         torch.save({**extra, "state_dict": model.state_dict()}, tmp)
@@ -138,3 +234,18 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str], **extra: Any) ->
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _check_loadable(extra: dict[str, Any]) -> None:
+    """Refuse ``extra`` entries that ``torch.load(weights_only=True)`` would not read back."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(extra, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception as err:
+        raise TypeError(
+            f"The extra entries {sorted(extra)} of save_pruned must hold only tensors and plain "
+            "containers (dict, list, tuple, str, int, float, bool, None), so that the file "
+            f"loads with torch.load(weights_only=True): {err}"
+        ) from err

@@ -9,7 +9,7 @@ torchvision model, on a LightningModule holding one, and after SyncBatchNorm con
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, resnet
 
-from .attention import NAM, NAMSite
+from .attention import NAM, NAMSite, check_bool, check_eps
 from .record import attach_record
 
 Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
@@ -64,7 +64,8 @@ def inject_nam(
             its scale factors are sized from the real feature maps.
         detach_weights: see :class:`~nam_lightning.NAMChannelAttention`.
         eps: the NAM BatchNorms' ``eps``.
-        example_inputs: a batch (tensor or tuple of tensors) for ``model(...)``; used to measure
+        example_inputs: a batch for ``model(...)``: a tensor, a tuple (positional arguments) or
+            a dict (keyword arguments), as Lightning's ``example_input_array``; used to measure
             the sites' output shapes. Needed with ``spatial=True`` or when a site's channel count
             cannot be read from the module (a BatchNorm or a conv is read directly). The model
             runs in eval mode without gradients, so nothing it holds changes.
@@ -75,7 +76,10 @@ def inject_nam(
         The names of all sites where NAM now runs (those added now and those already there).
 
     Raises:
-        ValueError: on bad arguments or when no site is found. The model is unchanged then.
+        TypeError: on an argument of the wrong type.
+        ValueError: on a bad value, when no site is found, or when ``model`` fails on
+            ``example_inputs``. Every check runs before the model is touched, and the sites are
+            swapped all or none, so on any error the model is as it was.
 
     Example:
         >>> import torchvision
@@ -87,12 +91,22 @@ def inject_nam(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    for flag, value in (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse)):
+        check_bool(flag, value)
+    check_eps(eps)
+    if example_inputs is not None and not isinstance(
+        example_inputs, (torch.Tensor, tuple, list, dict)
+    ):
+        raise TypeError(
+            "`example_inputs` must be what model(...) takes: a tensor (or a list) as its one "
+            "argument, a tuple of positional arguments or a dict of keyword arguments, got "
+            f"{type(example_inputs).__name__}"
+        )
     if spatial and example_inputs is None:
         raise ValueError(
             "`spatial=True` needs `example_inputs`: spatial attention has one scale factor per "
             "feature-map position, sized from the real feature maps of a forward pass."
         )
-    _check_eps(eps)
     names = resolve_sites(model, sites)
     new = [n for n in names if not isinstance(model.get_submodule(n), NAMSite)]
     shapes = _probe_shapes(model, new, example_inputs) if example_inputs is not None else {}
@@ -112,7 +126,8 @@ def inject_nam(
 
 
 def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
-    """Wrap each named module with NAM built from its entry. All modules are built first."""
+    """Wrap each named module with NAM built from its entry: all are built, then swapped in
+    all or none (see :func:`replace_modules`)."""
     built = {}
     for name, spec in plan.items():
         site = model.get_submodule(name)
@@ -130,35 +145,59 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
         if tensor is not None:
             nam.to(device=tensor.device, dtype=tensor.dtype if tensor.is_floating_point() else None)
         nam.train(site.training)
-        built[name] = NAMSite(site, nam, fuse=spec.get("fuse", True)).train(site.training)
-    for name, wrapped in built.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, wrapped)
+        wrapped = NAMSite(site, nam, fuse=spec.get("fuse", True))
+        wrapped.training = site.training  # not .train(): that would reach into `site`
+        built[name] = wrapped
     if built:
-        attach_record(model)
+        replace_modules(model, built, then=lambda: attach_record(model))
 
 
 def remove_nam(model: nn.Module) -> int:
     """Take every NAM out of ``model``, putting the original modules back. Returns the count.
 
     The model's structure and state-dict keys are those it had before :func:`inject_nam`.
+    All sites are put back or none: on an error the model is as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, NAMSite)]
-    for name, site in found:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, site.module)
+    found = {n: m.module for n, m in model.named_modules() if isinstance(m, NAMSite)}
+    if "" in found:
+        raise ValueError(
+            "`model` is itself a NAMSite: remove_nam takes NAM out of the model holding it; "
+            "the wrapped module is `model.module`."
+        )
+    replace_modules(model, found)
     return len(found)
+
+
+def replace_modules(
+    model: nn.Module, new: Mapping[str, nn.Module], then: Callable[[], None] | None = None
+) -> None:
+    """Put ``new[name]`` in place of each named submodule of ``model``, then run ``then``.
+
+    All or nothing: when a replacement or ``then`` raises, every module already replaced is put
+    back before the error propagates.
+    """
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, module in new.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = parent.get_submodule(child)
+            setattr(parent, child, module)
+            done.append((parent, child, old))
+        if then is not None:
+            then()
+    except BaseException:
+        for parent, child, old in reversed(done):
+            setattr(parent, child, old)
+        raise
 
 
 def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
     """The module names ``sites`` stands for in ``model`` (a NAMSite counts as its module)."""
+    check_sites(sites)
     if isinstance(sites, str):
-        if sites != "auto":
-            raise ValueError(
-                f"`sites` must be 'auto', a list of module names or a predicate, got {sites!r}"
-            )
         names = _auto_sites(model)
         if not names:
             raise ValueError(f"No NAM site found in {type(model).__name__}. {AUTO_HELP}")
@@ -169,12 +208,6 @@ def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
         if not names:
             raise ValueError(f"The `sites` predicate matched no module. {AUTO_HELP}")
         return _check_not_nested(names)
-    if not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
-        raise TypeError(
-            f"`sites` must be 'auto', a list of module names or a predicate, got {sites!r}"
-        )
-    if not sites:
-        raise ValueError(f"`sites` is an empty list. {AUTO_HELP}")
     unknown = [s for s in sites if s not in candidates]
     if unknown:
         raise ValueError(
@@ -182,6 +215,25 @@ def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
             f"Valid names are those of model.named_modules(), e.g. {list(candidates)[:5]}."
         )
     return _check_not_nested(list(dict.fromkeys(sites)))
+
+
+def check_sites(sites: object) -> None:
+    """Check the form of ``sites`` (whether the names exist is checked against the model)."""
+    valid = (
+        "`sites` must be 'auto', a non-empty list of module names or a predicate "
+        "(name, module) -> bool"
+    )
+    if isinstance(sites, str):
+        if sites != "auto":
+            raise ValueError(
+                f"{valid}, got {sites!r}; to name one module pass a list: [{sites!r}]. {AUTO_HELP}"
+            )
+    elif callable(sites):
+        pass
+    elif not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
+        raise TypeError(f"{valid}, got {sites!r}")
+    elif not sites:
+        raise ValueError(f"{valid}, got an empty list. {AUTO_HELP}")
 
 
 def _check_not_nested(names: list[str]) -> list[str]:
@@ -258,8 +310,15 @@ def _probe_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> di
     try:
         model.eval()
         with torch.no_grad():
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            model(*args)
+            if isinstance(example_inputs, dict):
+                model(**example_inputs)
+            else:
+                model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+    except Exception as err:
+        raise ValueError(
+            f"{type(model).__name__} failed on `example_inputs`, which are run through it to "
+            f"measure the sites' output shapes: {type(err).__name__}: {err}"
+        ) from err
     finally:
         for h in handles:
             h.remove()
@@ -274,8 +333,3 @@ def _probe_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> di
                 f"(N, {', '.join(map(str, shapes[name]))})."
             )
     return shapes
-
-
-def _check_eps(eps: float) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"`eps` must be a positive float, got {eps!r}")

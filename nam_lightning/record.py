@@ -53,9 +53,15 @@ def attach_record(model: nn.Module) -> None:
     """Make ``model.state_dict()`` carry the record, and ``load_state_dict`` check it."""
     if getattr(model, _HOOKED, False):
         return
-    model.register_state_dict_post_hook(_save_record)
-    model.register_load_state_dict_pre_hook(_check_record)
-    setattr(model, _HOOKED, True)
+    handles = []
+    try:  # both hooks or neither
+        handles.append(model.register_state_dict_post_hook(_save_record))
+        handles.append(model.register_load_state_dict_pre_hook(_check_record))
+        setattr(model, _HOOKED, True)
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
 
 
 def _save_record(

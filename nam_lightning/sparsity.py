@@ -9,6 +9,7 @@ as if ``p * l1_penalty(model)`` had been added to the loss.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Literal, get_args
 
@@ -30,6 +31,8 @@ def scale_factors(model: nn.Module, targets: Targets = "all") -> list[torch.Tens
         targets: ``"nam"``: NAM channel ``gamma`` and spatial ``lambda`` (the NAM paper);
             ``"bn"``: the ``gamma`` of every other BatchNorm (Network Slimming); ``"all"``: both.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     check_targets(targets)
     nam_bns: set[int] = set()
     found: dict[int, torch.Tensor] = {}
@@ -73,7 +76,16 @@ def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
 
     This is the gradient of ``lambda_ * sum |p|`` (``sign(0) = 0``, as autograd's ``abs``).
     Parameters without a gradient (unused this step, or frozen) are left alone.
+
+    Args:
+        params: the scale factors (e.g. :func:`scale_factors`), or one tensor.
+        lambda_: the penalty's weight, a finite float >= 0.
     """
+    params = _tensors(params)
+    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
+        raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
+    if not 0 <= lambda_ < math.inf:
+        raise ValueError(f"`lambda_` must be a finite float >= 0, got {lambda_!r}")
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad or lambda_ == 0:
         return
@@ -86,8 +98,16 @@ def sparsity(params: Iterable[torch.Tensor], threshold: float = 1e-2) -> torch.T
     """Fraction of the elements of ``params`` with ``|value| < threshold``, as a 0-dim tensor.
 
     Stays on the parameters' device (no host sync), so it is cheap to log every step.
+
+    Args:
+        params: the scale factors (e.g. :func:`scale_factors`), or one tensor.
+        threshold: a finite float > 0.
     """
-    flat = [p.detach().reshape(-1) for p in params]
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
+    if not 0 < threshold < math.inf:
+        raise ValueError(f"`threshold` must be a finite float > 0, got {threshold!r}")
+    flat = [p.detach().reshape(-1) for p in _tensors(params)]
     if sum(f.numel() for f in flat) == 0:
         return torch.zeros(())
     return (torch.cat(flat).abs() < threshold).float().mean()
@@ -100,6 +120,27 @@ def non_finite(model: nn.Module, targets: Targets = "all") -> list[str]:
         return []
     names = {id(p): n for n, p in model.named_parameters()}
     return [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())]
+
+
+def _tensors(params: Iterable[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """``params`` as a list of tensors (one tensor counts as a list of one)."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, nn.Module):
+        raise TypeError(
+            "`params` must be tensors, not a module: pass scale_factors(model) (or "
+            "model.parameters())"
+        )
+    try:
+        items = list(params)
+    except TypeError:
+        raise TypeError(
+            f"`params` must be a tensor or an iterable of tensors, got {type(params).__name__}"
+        ) from None
+    wrong = next((p for p in items if not isinstance(p, torch.Tensor)), None)
+    if wrong is not None:
+        raise TypeError(f"`params` must hold only tensors, got a {type(wrong).__name__}")
+    return items
 
 
 def check_targets(targets: object) -> None:

@@ -215,7 +215,7 @@ def test_channel_attention_works_after_its_batchnorm_is_pruned():
         (lambda: NAMSpatialAttention((0, 3)), r"`size\[0\]`.*0"),
         (lambda: NAMSpatialAttention((3, 0)), r"`size\[1\]`.*0"),
         (lambda: NAMSpatialAttention((3,)), r"`size`.*\(3,\)"),
-        (lambda: NAM(4, spatial_size=(3,)), r"`size`"),
+        (lambda: NAM(4, spatial_size=(3,)), r"`spatial_size`.*\(3,\)"),
     ],
     ids=[
         "channels=0",
