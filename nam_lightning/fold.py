@@ -19,11 +19,15 @@ exporter and ``torch.compile`` take as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import NAMSite
+from .functional import _Kernel
+from .inject import replace_modules
 
 
 class FoldedNAM(nn.Module):
@@ -81,24 +85,24 @@ class FoldedNAM(nn.Module):
         self.register_buffer("pixel_shift", pixel_shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
-        # addcmul and in-place ops on fresh tensors: each step is one pass over memory.
-        gate = torch.addcmul(_channels(self.gate_shift, x), x, _channels(self.gate_scale, x))
-        gate = gate.sigmoid_()
+        if self.pixel_scale is not None and x.shape[-2:] != self.pixel_scale.shape:
+            raise ValueError(
+                f"This folded NAM has spatial attention for {self.pixel_scale.shape[0]}x"
+                f"{self.pixel_scale.shape[1]} feature maps but got {x.shape[-2]}x{x.shape[-1]}: "
+                "its scale factors belong to positions, so the input resolution must stay the "
+                "one NAM was built with."
+            )
+        scale, shift = _channels(self.gate_scale, x), _channels(self.gate_shift, x)
         if self.bn_scale is not None and self.bn_shift is not None:
-            x = torch.addcmul(_channels(self.bn_shift, x), x, _channels(self.bn_scale, x))
-        y = gate.mul_(x)
+            bn_scale, bn_shift = _channels(self.bn_scale, x), _channels(self.bn_shift, x)
+            y = _fused(_bn_gate, x, scale, shift, bn_scale, bn_shift)
+        else:
+            y = _fused(_gate, x, scale, shift)
         if self.pixel_scale is not None and self.pixel_shift is not None:
-            if y.shape[-2:] != self.pixel_scale.shape:
-                raise ValueError(
-                    f"This folded NAM has spatial attention for {self.pixel_scale.shape[0]}x"
-                    f"{self.pixel_scale.shape[1]} feature maps but got "
-                    f"{y.shape[-2]}x{y.shape[-1]}: its scale factors belong to positions, so "
-                    "the input resolution must stay the one NAM was built with."
-                )
             pixel_gate = torch.addcmul(
                 self.pixel_shift.to(y.dtype), y, self.pixel_scale.to(y.dtype)
             )
-            y = pixel_gate.sigmoid_().mul_(y)
+            y = y * pixel_gate.sigmoid()
         return y
 
     def extra_repr(self) -> str:
@@ -106,6 +110,35 @@ class FoldedNAM(nn.Module):
         if self.pixel_scale is not None:
             text += f", spatial_size={tuple(self.pixel_scale.shape)}"
         return text
+
+
+def _gate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(scale * x + shift)``, the constants shaped to broadcast over ``x``."""
+    return x * torch.sigmoid(torch.addcmul(shift, x, scale))
+
+
+def _bn_gate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)``."""
+    return torch.addcmul(bn_shift, x, bn_scale) * torch.sigmoid(torch.addcmul(shift, x, scale))
+
+
+# two functions, not one with optional arguments: torch.compile keeps a cache per function
+_KERNELS = {_gate: _Kernel(_gate), _bn_gate: _Kernel(_bn_gate)}
+
+
+def _fused(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)`` as one fused pass over memory (compiled), as cheap as the BatchNorm it
+    replaces; eager PyTorch makes a pass and a fresh tensor per operator (+9% on resnet50).
+    TorchScript tracing (the older ONNX exporter) gets the plain operators."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return fn(*args)
+    return _KERNELS[fn](*args)
 
 
 def fold_nam(model: nn.Module) -> int:
@@ -127,8 +160,8 @@ def fold_nam(model: nn.Module) -> int:
     Raises:
         ValueError: when the model (or a NAM site) is in training mode, when it holds no NAM
             site (also on a second call: folding is done once), or when a NAM BatchNorm keeps
-            no running statistics. Every replacement is built before any is put in place, so
-            the model is then unchanged.
+            no running statistics. Every replacement is built before any is put in place, and
+            they go in all or none, so on any error the model is unchanged.
 
     Example:
         >>> import torchvision
@@ -167,12 +200,8 @@ def fold_nam(model: nn.Module) -> int:
             "module that holds it."
         )
 
-    replacements = []
-    for name, site in sites:
-        parent_name, _, child = name.rpartition(".")
-        replacements.append((model.get_submodule(parent_name), child, _fold_site(name, site)))
-    for parent, child, folded in replacements:
-        setattr(parent, child, folded)
+    replacements = {name: _fold_site(name, site) for name, site in sites}
+    replace_modules(model, replacements)  # all or none
     return len(replacements)
 
 
@@ -264,7 +293,11 @@ def _check_pair(
     if optional and scale is None and shift is None:
         return
     if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
-        raise TypeError(f"`{name}_scale` and `{name}_shift` must both be tensors (or both None)")
+        either = " (or both None)" if optional else ""
+        raise TypeError(
+            f"`{name}_scale` and `{name}_shift` must both be tensors{either}, got "
+            f"{type(scale).__name__} and {type(shift).__name__}"
+        )
     if scale.dim() != dims or scale.shape != shift.shape:
         raise ValueError(
             f"`{name}_scale` and `{name}_shift` must be {dims}-D tensors of one shape, got "
