@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -136,9 +137,16 @@ def prune_channels(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     if not any(isinstance(a, torch.Tensor) for a in as_args(example_inputs)):
         raise TypeError("`example_inputs` must be a tensor or a tuple holding tensors")
+    if isinstance(ignored_layers, nn.Module):
+        raise TypeError(
+            f"`ignored_layers` must be a list of modules, got one {type(ignored_layers).__name__}"
+            ": pass it in a list, e.g. ignored_layers=[model.fc]"
+        )
     ignored = list(ignored_layers or [])
     if not all(isinstance(m, nn.Module) for m in ignored):
         raise TypeError("`ignored_layers` must hold torch.nn.Module objects")
+    if not isinstance(measure, bool):
+        raise TypeError(f"`measure` must be a bool, got {type(measure).__name__}")
     nam_bns = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
     if not any(isinstance(m, _BatchNorm) and id(m) not in nam_bns for m in model.modules()):
         raise ValueError(
@@ -155,7 +163,14 @@ def prune_channels(
         raise ValueError("`importance='nam'` needs NAM modules in the model (see inject_nam)")
 
     start = time.perf_counter()
-    params_before, flops_before = count_params(model), count_flops(model, example_inputs)
+    try:
+        flops_before = count_flops(model, example_inputs)  # runs the model in eval mode
+    except Exception as err:
+        raise ValueError(
+            f"{type(model).__name__} cannot run on `example_inputs` "
+            f"({type(err).__name__}: {err}); give a batch the model takes. Nothing was changed."
+        ) from err
+    params_before = count_params(model)
     channels_before = layer_channels(model)
     latency_before = measure_latency(model, example_inputs) if measure else None
     ignored.append(_output_layer(model, example_inputs))
@@ -184,6 +199,14 @@ def prune_channels(
         snapshot.restore()
         raise ValueError(f"Channel pruning failed, the model is unchanged: {err}") from err
 
+    notes = []
+    if removed == 0:
+        notes.append(
+            "No channel was removed: no layer had channels to spare under "
+            f"max_layer_amount={max_layer_amount} and round_to={round_to} (a round_to larger "
+            "than the layers, or an amount too small for one channel, does this)."
+        )
+        warnings.warn(notes[-1], stacklevel=2)
     record = getattr(model, PRUNING_ATTR, None) or {"passes": []}
     shapes = [list(a.shape) for a in as_args(example_inputs) if isinstance(a, torch.Tensor)]
     record["passes"].append({"history": history, "input_shapes": shapes})
@@ -207,6 +230,7 @@ def prune_channels(
         latency_after=measure_latency(model, example_inputs) if measure else None,
         device=str(next(a for a in args if isinstance(a, torch.Tensor)).device),
         seconds=time.perf_counter() - start,
+        notes=notes,
     )
 
 
@@ -223,7 +247,11 @@ def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 class _ScaleImportance(tp.importance.Importance):
-    """Per-channel ``|gamma|`` of a group's backbone (or NAM) BatchNorms, averaged."""
+    """Per-channel ``|gamma|`` of a group's backbone (or NAM) BatchNorms, averaged.
+
+    Groups that Torch-Pruning would cut inconsistently at a grouped convolution score None, so
+    they are left whole (see :func:`_cuttable`).
+    """
 
     def __init__(self, model: nn.Module, use_nam: bool) -> None:
         self.use_nam = use_nam
@@ -234,6 +262,8 @@ class _ScaleImportance(tp.importance.Importance):
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
+        if not _cuttable(group):
+            return None
         scores, roots = [], []
         for i, (dep, idxs) in enumerate(group):
             layer = dep.layer
@@ -260,6 +290,33 @@ class _ScaleImportance(tp.importance.Importance):
             return None
         position = torch.arange(len(scores), dtype=torch.float64) / len(scores)
         return scores.double() + 1e-9 * position  # tied layers then lose the same fraction
+
+
+def _cuttable(group: Any) -> bool:
+    """Whether Torch-Pruning 1.6.1 cuts ``group`` consistently at its grouped convolutions.
+
+    A grouped conv must lose the same channels in each of its channel groups. Torch-Pruning
+    repeats the chosen indices once per channel group of the group's most-grouped conv, which is
+    right only where the group holds every channel of each grouped conv (a concatenation can
+    split them among groups) and every grouped conv's ``groups`` divides that count. It also
+    takes any conv with ``groups == out_channels`` for a depthwise one and cuts its input like
+    its output, which is wrong when ``in_channels`` is larger. Otherwise the surgery fails or
+    ranking crashes, so such groups are left whole.
+    """
+    counts = []
+    for dep, idxs in group:
+        layer = dep.layer
+        if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == 1:
+            continue
+        if layer.groups == layer.out_channels:  # depthwise to Torch-Pruning
+            if layer.in_channels != layer.out_channels:
+                return False
+            continue
+        cuts_out = dep.handler == tp.pruner.function.prune_conv_out_channels
+        if len(idxs) != (layer.out_channels if cuts_out else layer.in_channels):
+            return False
+        counts.append(layer.groups)
+    return all(max(counts) % count == 0 for count in counts)
 
 
 @contextlib.contextmanager
@@ -559,26 +616,29 @@ def _check_arguments(
             f"Give exactly one of `amount` and `flops_target`, got amount={amount!r}, "
             f"flops_target={flops_target!r}"
         )
-    for name, value in (("amount", amount), ("flops_target", flops_target)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1
-        ):
+    for name, value in (
+        ("amount", amount),
+        ("flops_target", flops_target),
+        ("max_layer_amount", max_layer_amount),
+    ):
+        if value is None and name != "max_layer_amount":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"`{name}` must be a fraction in (0, 1), a float, got {type(value).__name__} "
+                f"{value!r}"
+            )
+        if not 0 < value < 1:  # NaN fails this too
             raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")
     if importance not in ("bn", "nam"):
         raise ValueError(f"`importance` must be 'bn' or 'nam', got {importance!r}")
     if scope not in ("global", "local"):
         raise ValueError(f"`scope` must be 'global' or 'local', got {scope!r}")
-    if (
-        isinstance(max_layer_amount, bool)
-        or not isinstance(max_layer_amount, (int, float))
-        or not 0 < max_layer_amount < 1
-    ):
-        raise ValueError(
-            f"`max_layer_amount` must be a fraction in (0, 1), got {max_layer_amount!r}"
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int)):
+        raise TypeError(
+            f"`round_to` must be None or a positive int, got {type(round_to).__name__} {round_to!r}"
         )
-    if round_to is not None and (
-        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
-    ):
+    if round_to is not None and round_to < 1:
         raise ValueError(f"`round_to` must be None or a positive int, got {round_to!r}")
     if amount is not None and amount > max_layer_amount and scope == "local":
         raise ValueError(

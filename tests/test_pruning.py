@@ -460,7 +460,8 @@ FRACTION = r"must be a fraction in \(0, 1\), got "
         ({"amount": 1}, ValueError, "`amount` " + FRACTION + "1$"),
         ({"amount": 1.5}, ValueError, "`amount` " + FRACTION + "1.5"),
         ({"amount": -0.1}, ValueError, "`amount` " + FRACTION + "-0.1"),
-        ({"amount": True}, ValueError, "`amount` " + FRACTION + "True"),
+        ({"amount": True}, TypeError, "`amount` must be a fraction in .*, got bool True"),
+        ({"amount": "0.5"}, TypeError, "`amount` must be a fraction in .*, got str '0.5'"),
         ({"amount": None, "flops_target": 0}, ValueError, "`flops_target` " + FRACTION + "0"),
         ({"amount": None, "flops_target": 1.2}, ValueError, "`flops_target` " + FRACTION + "1.2"),
         ({"importance": "l1"}, ValueError, r"`importance` must be 'bn' or 'nam', got 'l1'"),
@@ -468,7 +469,7 @@ FRACTION = r"must be a fraction in \(0, 1\), got "
         ({"max_layer_amount": 0}, ValueError, "`max_layer_amount` " + FRACTION + "0"),
         ({"max_layer_amount": 1}, ValueError, "`max_layer_amount` " + FRACTION + "1"),
         ({"round_to": 0}, ValueError, "`round_to` must be None or a positive int, got 0"),
-        ({"round_to": 2.5}, ValueError, "`round_to` must be None or a positive int, got 2.5"),
+        ({"round_to": 2.5}, TypeError, "`round_to` must be None or a positive int, got float"),
         (
             {"amount": 0.6, "scope": "local", "max_layer_amount": 0.5},
             ValueError,
@@ -477,6 +478,7 @@ FRACTION = r"must be a fraction in \(0, 1\), got "
         ({"model": "x"}, TypeError, "`model` must be a torch.nn.Module, got str"),
         ({"example_inputs": "x"}, TypeError, "`example_inputs` must be a tensor or a tuple"),
         ({"ignored_layers": ["fc"]}, TypeError, "`ignored_layers` must hold torch.nn.Module"),
+        ({"measure": "yes"}, TypeError, "`measure` must be a bool, got str"),
     ],
 )
 def test_bad_arguments_are_rejected_before_any_work(
@@ -618,3 +620,13 @@ def test_non_finite_scale_factors_are_refused_untouched() -> None:
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     for key, value in model.state_dict().items():  # NaN != NaN: compare with equal_nan
         torch.testing.assert_close(value, state[key], rtol=0, atol=0, equal_nan=True)
+
+
+def test_round_to_larger_than_every_layer_says_nothing_was_removed() -> None:
+    model = randomise_bns(build("resnet18"))
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="No channel was removed"):
+        report = prune_channels(model, x, 0.5, round_to=4096, measure=False)
+    assert report.removed_channels == 0
+    assert report.params_after == report.params_before
+    assert "round_to=4096" in report.table()
