@@ -111,6 +111,7 @@ class NAMLightningCLI(LightningCLI):
         ):
             pruning["flops_target"] = None
         if self.subcommand in PIPELINE_COMMANDS:
+            _check_stage_options(config)
             if config.get("run_dir") is None:
                 config["run_dir"] = default_run_dir()
             if not _is_launched_worker():
@@ -252,6 +253,19 @@ def main(args: Any = None) -> None:
         auto_configure_optimizers=False,
         args=args,
     )
+
+
+def _check_stage_options(config: Any) -> None:
+    """What jsonargparse's types do not say, checked before the run directory is made."""
+    epochs = config.get("finetune_epochs")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"--finetune_epochs must be a positive int, got {epochs}")
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path {ckpt_path}: no such file (a checkpoint written by "
+            "`nam-lightning fit`, `prune` or `run`)"
+        )
 
 
 def _default_precision() -> str:

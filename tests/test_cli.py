@@ -615,6 +615,24 @@ def test_impossible_pruning_target_for_prune(fit_checkpoint: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(
+    ("command", "options", "error", "match"),
+    [
+        ("run", ["--finetune_epochs=0"], ValueError, "--finetune_epochs must be a positive int"),
+        ("run", ["--finetune_epochs=-1"], ValueError, "got -1"),
+        ("prune", ["--ckpt_path=missing.ckpt"], FileNotFoundError, "--ckpt_path missing.ckpt"),
+        ("finetune", ["--ckpt_path=missing.ckpt"], FileNotFoundError, "no such file"),
+    ],
+)
+def test_bad_stage_option_fails_before_the_run_dir_is_made(
+    command: str, options: list[str], error: type[Exception], match: str, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(error, match=match):
+        cli(command, *TINY, *options, f"--run_dir={run_dir}")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
     ("options", "name"),
     [
         (["--nam.lambda_=-1"], "`lambda_`"),
