@@ -92,6 +92,17 @@ def _gate_input_grad(
     return dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean)
 
 
+# Inductor stores an intermediate to memory once it is read by several reductions or grows
+# past an operation count; in these kernels every intermediate is cheaper to recompute than to
+# store and load again (backward pass 1 at (8, 256, 56, 56): 73 ms -> 29 ms on one thread).
+_FUSE_EVERYTHING: dict[str, str | int | bool | Callable[..., Any]] = {
+    "realize_reads_threshold": 1000,
+    "realize_opusers_threshold": 1000,
+    "realize_cpu_opcount_threshold": 1000,
+    "realize_cpu_acc_reads_threshold": 1000,
+}
+
+
 class _Kernel:
     """``fn`` compiled by ``torch.compile`` into one fused loop (eager PyTorch would make a
     pass over memory per operator: ~4x slower forward, ~10x slower backward on CPU), or
@@ -107,7 +118,9 @@ class _Kernel:
         if not self.enabled or torch.compiler.is_compiling():
             return self.fn(*args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(
+                self.fn, dynamic=True, fullgraph=True, options=_FUSE_EVERYTHING
+            )
         try:
             return self.compiled(*args)
         except Exception as err:  # a missing toolchain shows up at the first call
