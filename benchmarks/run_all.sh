@@ -4,7 +4,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-scripts=(penalty_step.py prune_resnet50.py train_step.py)
+scripts=(penalty_step.py prune_resnet50.py train_step.py soak.py)
 if [[ -f benchmarks/inference.py ]]; then
     scripts+=(inference.py)
 fi
