@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .callback import NAMCallback
 from .checkpoint import load_checkpoint
 from .models import ImageClassifier
-from .pipeline import check_run_dir, example_batch, render_markdown, run_pipeline
+from .pipeline import check_run_dir, claim_run_dir, example_batch, render_markdown, run_pipeline
 from .pruning import PruneConfig
 
 PIPELINE_COMMANDS = ("run", "prune", "finetune")
@@ -125,8 +125,9 @@ class NAMLightningCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         # Only once every option was accepted: a bad option leaves the run directory empty.
         if self.subcommand in PIPELINE_COMMANDS and not _is_launched_worker():
-            run_dir = Path(self._config()["run_dir"])
-            self.parser.save(self.config, run_dir / "config.yaml", overwrite=True)
+            config = self._config()
+            path = claim_run_dir(config["run_dir"], config.get("overwrite", False))
+            self.parser.save(self.config, path, overwrite=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         if self.subcommand in PIPELINE_COMMANDS:

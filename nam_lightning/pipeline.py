@@ -39,12 +39,32 @@ def check_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     """Refuse to write into a run directory that already has artifacts, unless told to."""
     path = Path(run_dir)
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"`run_dir` {str(path)!r} already holds a run; pick another directory or pass "
-            "--overwrite=true to replace its artifacts."
-        )
+        raise _taken(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def claim_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Take the run directory for this run: create its ``config.yaml``, atomically.
+
+    :func:`check_run_dir` runs before the options are turned into objects, this after; two runs
+    started together into one new directory both pass the check, and only one of them can
+    create the file (``O_EXCL``), so the other stops before writing anything.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not overwrite:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise _taken(path.parent) from None
+    return path
+
+
+def _taken(path: Path) -> FileExistsError:
+    return FileExistsError(
+        f"`run_dir` {str(path)!r} already holds a run; pick another directory or pass "
+        "--overwrite=true to replace its artifacts."
+    )
 
 
 def example_batch(datamodule: pl.LightningDataModule, size: int = 32) -> torch.Tensor:

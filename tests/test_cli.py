@@ -691,6 +691,28 @@ def test_existing_run_dir_needs_overwrite(
     assert snapshot(run_dir) == before
 
 
+def test_run_that_loses_the_race_for_a_new_run_dir_writes_nothing(tmp_path: Path) -> None:
+    """Two runs started together into one new directory both find it empty; the one that
+    creates config.yaml second stops before writing anything."""
+    import nam_lightning.cli
+
+    run_dir = tmp_path / "run"
+    check = nam_lightning.cli.check_run_dir
+
+    def check_then_lose_the_race(path: Any, overwrite: bool) -> Path:
+        checked = check(path, overwrite)
+        (Path(path) / "config.yaml").write_text("the other run\n")  # it claims it meanwhile
+        return checked
+
+    with (
+        mock.patch("nam_lightning.cli.check_run_dir", check_then_lose_the_race),
+        pytest.raises(FileExistsError, match="--overwrite"),
+    ):
+        cli("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
+    assert (run_dir / "config.yaml").read_text() == "the other run\n"
+
+
 def test_existing_run_dir_with_overwrite_proceeds(fit_checkpoint: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
