@@ -121,6 +121,8 @@ def prune_channels(
         scope: ``"global"``: one threshold over all layers; ``"local"``: ``amount`` per layer.
         max_layer_amount: no layer loses more than this fraction of its channels.
         round_to: keep every pruned layer's channel count a multiple of this (fast kernels).
+            A layer holding the channels of several coupled groups (the output of a
+            concatenation, or a layer added to it) can end up off the multiple.
         ignored_layers: modules never pruned. The layer that produces the model's output is
             always kept whole.
         measure: time the model before and after on ``example_inputs``.
@@ -247,36 +249,42 @@ def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
 
 
 class _ScaleImportance(tp.importance.Importance):
-    """Per-channel ``|gamma|`` of a group's backbone (or NAM) BatchNorms, averaged.
+    """Per-channel ``|gamma|``, the mean over the group's backbone (or NAM) BatchNorms that the
+    channel passes through.
 
-    Groups that Torch-Pruning would cut inconsistently at a grouped convolution score None, so
-    they are left whole (see :func:`_cuttable`).
+    A group scores None, so it is left whole, where a channel passes through none of them
+    (nothing ranks it) or where Torch-Pruning would cut it inconsistently at a grouped
+    convolution (see :func:`_cuttable`).
     """
 
     def __init__(self, model: nn.Module, use_nam: bool) -> None:
         self.use_nam = use_nam
         self.nam_bns = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
-        self._reduce = tp.importance.GroupMagnitudeImportance(
-            p=1, group_reduction="mean", normalizer=None
-        )._reduce
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
         if not _cuttable(group):
             return None
-        scores, roots = [], []
+        # The mean is taken per channel of the group's root. Torch-Pruning's own mean sizes the
+        # sum by the first BatchNorm and divides by the number of BatchNorms: wrong (or an
+        # IndexError) where a concatenation gives a BatchNorm only part of the root's channels.
+        size = len(group[0][1])
+        total = torch.zeros(size, dtype=torch.float64)
+        count = torch.zeros(size, dtype=torch.float64)
         for i, (dep, idxs) in enumerate(group):
-            layer = dep.layer
+            layer, roots = dep.layer, group[i].root_idxs
             if (
                 isinstance(layer, _BatchNorm)
                 and layer.weight is not None
                 and (id(layer) in self.nam_bns) == self.use_nam
+                and None not in roots
             ):
-                scores.append(layer.weight.detach().abs()[idxs].float())
-                roots.append(group[i].root_idxs)
-        if not scores:
+                where = torch.tensor(roots, dtype=torch.long)
+                total.index_add_(0, where, layer.weight.detach().abs()[idxs].double().cpu())
+                count.index_add_(0, where, torch.ones(len(roots), dtype=torch.float64))
+        if not bool((count > 0).all()):
             return None
-        return self._reduce(scores, roots)
+        return (total / count).float()
 
     def ranked(self, group: Any) -> torch.Tensor | None:
         """The scores with exact ties broken by relative channel position (< 1e-9).
@@ -296,24 +304,27 @@ def _cuttable(group: Any) -> bool:
     """Whether Torch-Pruning 1.6.1 cuts ``group`` consistently at its grouped convolutions.
 
     A grouped conv must lose the same channels in each of its channel groups. Torch-Pruning
-    repeats the chosen indices once per channel group of the group's most-grouped conv, which is
-    right only where the group holds every channel of each grouped conv (a concatenation can
-    split them among groups) and every grouped conv's ``groups`` divides that count. It also
-    takes any conv with ``groups == out_channels`` for a depthwise one and cuts its input like
-    its output, which is wrong when ``in_channels`` is larger. Otherwise the surgery fails or
-    ranking crashes, so such groups are left whole.
+    repeats the chosen root indices once per channel group of the group's most-grouped conv,
+    which is right only where each grouped conv has exactly the root's channels, all of them in
+    the group (a concatenation can split them, or pad them with others), and every grouped
+    conv's ``groups`` divides that count. It also traces any conv with
+    ``groups == out_channels`` as a depthwise one and cuts its input like its output, which is
+    wrong when ``in_channels`` is larger. Otherwise ranking crashes or the surgery fails, so such
+    groups are left whole. (Types are those traced: a grouped conv that an earlier cut of the
+    same pass leaves with ``groups == out_channels`` is still cut as grouped, correctly.)
     """
+    root = len(group[0][1])
     counts = []
     for dep, idxs in group:
         layer = dep.layer
         if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == 1:
             continue
-        if layer.groups == layer.out_channels:  # depthwise to Torch-Pruning
+        if dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
             if layer.in_channels != layer.out_channels:
                 return False
             continue
         cuts_out = dep.handler == tp.pruner.function.prune_conv_out_channels
-        if len(idxs) != (layer.out_channels if cuts_out else layer.in_channels):
+        if not len(idxs) == root == (layer.out_channels if cuts_out else layer.in_channels):
             return False
         counts.append(layer.groups)
     return all(max(counts) % count == 0 for count in counts)
@@ -499,10 +510,14 @@ def _prune(
 def _cap(
     pruner: Any, group: Any, scorer: _ScaleImportance, max_amount: float, round_to: int | None
 ) -> tuple[Any, torch.Tensor | None]:
-    """Trim a group so its layer keeps at least ``1 - max_amount`` of its channels.
+    """Trim a group so that no layer it cuts loses more than ``max_amount`` of its channels.
 
-    Torch-Pruning's global threshold can otherwise empty a layer in one step. Returns the
-    (possibly trimmed) group, or None, and the importance of every channel of the layer.
+    Torch-Pruning's global threshold can otherwise empty a layer in one step. The root layer
+    keeps ``1 - max_amount`` of each channel group, and a multiple of ``round_to``; every other
+    layer whose output channels the group cuts keeps ``1 - max_amount`` of its own (the inputs
+    of a concatenation each hold only some of the root's channels). The least important
+    channels are cut first. Returns the (possibly trimmed) group, or None, and the importance
+    of every channel of the root.
     """
     dep, idxs = group[0]
     module, fn = dep.target.module, dep.handler
@@ -511,22 +526,47 @@ def _cap(
         total = graph.get_out_channels(module)
     else:
         total = graph.get_in_channels(module)
-    scores = scorer(graph.get_pruning_group(module, fn, list(range(total))))
+    full = graph.get_pruning_group(module, fn, list(range(total)))
+    scores = scorer(full)
+    if scores is None:  # unranked: Torch-Pruning does not offer such a group
+        return None, scores
     ch_groups = pruner._get_channel_groups(group)
     group_size = total // ch_groups
     bases = sorted({int(i) % group_size for i in idxs})
-    keep_min = max(1, math.ceil(group_size * (1 - max_amount) - 1e-9))
-    if round_to:
-        keep_min = max(round_to, math.ceil(keep_min / round_to) * round_to)
-    allowed = max(0, group_size - keep_min)
-    if len(bases) <= allowed:
-        return group, scores
-    if allowed == 0 or scores is None:
-        return None, scores
+    allowed = group_size - _keep_min(group_size, max_amount, round_to)
+    held = []  # per layer the group cuts: the root channels it holds, and how many it may lose
+    for i, (d, _) in enumerate(full):
+        cuts_out = graph.is_out_channel_pruning_fn(d.handler)
+        channels = graph.get_out_channels(d.layer) if cuts_out else None
+        if channels and None not in full[i].root_idxs:
+            held.append((set(full[i].root_idxs), channels - _keep_min(channels, max_amount, None)))
     per_base = scores.view(ch_groups, -1).mean(0)
-    chosen = sorted(bases, key=lambda b: float(per_base[b]))[:allowed]
+    chosen: list[int] = []
+    lost = [0] * len(held)
+    for base in sorted(bases, key=lambda b: float(per_base[b])):
+        cut = {base + g * group_size for g in range(ch_groups)}
+        hits = [len(cut & roots) for roots, _ in held]
+        if len(chosen) < allowed and all(
+            n + h <= most for n, h, (_, most) in zip(lost, hits, held, strict=True)
+        ):
+            chosen.append(base)
+            lost = [n + h for n, h in zip(lost, hits, strict=True)]
+    while round_to and chosen and (group_size - len(chosen)) % round_to:
+        chosen.pop()  # the most important; Torch-Pruning rounds grouped layers per channel
+    if len(chosen) == len(bases):
+        return group, scores
+    if not chosen:
+        return None, scores
     trimmed = sorted(b + g * group_size for g in range(ch_groups) for b in chosen)
     return graph.get_pruning_group(module, fn, trimmed), scores
+
+
+def _keep_min(channels: int, max_amount: float, round_to: int | None) -> int:
+    """The fewest channels a layer of ``channels`` keeps under ``max_amount`` and ``round_to``."""
+    keep = max(1, math.ceil(channels * (1 - max_amount) - 1e-9))
+    if round_to:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return keep
 
 
 def _solve_amount(
