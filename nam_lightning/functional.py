@@ -68,15 +68,18 @@ def _gate_sums(
     zh, x, s = _gate_parts(z, *coefficients)
     dx = dy * s  # through the gated input
     dt = dy * x * s * (1 - s)  # through the gate's argument
-    dims = (0, 2, 3)
-    da = (dx * zh).sum(dims, keepdim=True)
-    db = dx.sum(dims, keepdim=True)
-    dp = (dt * zh).sum(dims, keepdim=True)
-    dq = dt.sum(dims, keepdim=True)
+    da, db = _channel_sums(dx * zh), _channel_sums(dx)
+    dp, dq = _channel_sums(dt * zh), _channel_sums(dt)
     # zh's own gradient is a * dx + p * dt, so its sums follow from the four above
     dmean = -invstd * (a * db + p * dq)  # where mean appears in zh
     dinvstd = (a * da + p * dp) / invstd
     return a * dx + p * dt, dmean, dinvstd, da, db, dp, dq
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sums over (N, H, W), shaped (1, C, 1, 1): over (H, W) first, in the order the
+    elementwise work runs, so that Inductor makes one loop of both (not a second pass)."""
+    return t.sum((2, 3), keepdim=True).sum(0, keepdim=True)
 
 
 def _gate_input_grad(
@@ -87,9 +90,10 @@ def _gate_input_grad(
     dmean: torch.Tensor,
     dvar: torch.Tensor,
 ) -> torch.Tensor:
-    """Backward pass 2: ``dz``, direct and through the batch statistics (mean, biased var)."""
+    """Backward pass 2: ``dz``, direct and through the batch statistics (mean, biased var),
+    written over ``dzh`` (a fresh activation-sized tensor costs its page faults on a CPU)."""
     count = z.numel() // z.shape[1]
-    return dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean)
+    return dzh.copy_(dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean))
 
 
 # Inductor stores an intermediate to memory once it is read by several reductions or grows
