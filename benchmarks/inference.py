@@ -6,7 +6,9 @@ where each site's BatchNorm and NAM have become one parameter-free module. Every
 (NAM's included) gets random scale factors, shifts and running statistics, so the outputs
 are meaningful and the folded model is checked against the unfolded one (max abs difference).
 The variants take turns in every repetition, so a slow spell of the machine hits them alike;
-the table shows the median latency and its ratio to the model without NAM. The target: the
+the order alternates between repetitions. The table shows the median latency, its ratio to
+the model without NAM, and the paired ratio (the median over repetitions of the ratio within
+each repetition). The target: the
 folded model within 3% of the model without NAM. ``--compile`` adds the model without NAM and
 the folded model under ``torch.compile(fullgraph=True)``, compared with each other.
 
@@ -104,9 +106,11 @@ def main() -> None:
     faults: dict[str, list[int]] = {key: [] for key in models}
     with torch.inference_mode():
         outputs = {key: m(x) for key, m in models.items()}  # also the warm-up (compiling) pass
-        for _ in range(args.repeats):
-            for key, m in models.items():
-                elapsed, fault_count = timed_forward(m, x)
+        for rep in range(args.repeats):
+            # the order alternates, so no variant always runs right after the same one
+            order = list(models) if rep % 2 == 0 else list(reversed(models))
+            for key in order:
+                elapsed, fault_count = timed_forward(models[key], x)
                 seconds[key].append(elapsed)
                 faults[key].append(fault_count)
 
@@ -124,13 +128,21 @@ def main() -> None:
             print(f"max |{key} - NAM| = {diff:.3g}")
     print()
     median = {key: statistics.median(times) for key, times in seconds.items()}
-    print(f"{'variant':<22} {'median ms':>10} {'min ms':>9} {'vs no NAM':>10} {'page faults':>12}")
+    # a compiled model is compared with the compiled model without NAM
+    base_of = {key: "no NAM, compiled" if key.endswith("compiled") else "no NAM" for key in models}
+    paired = {  # the median over repetitions of the ratio within each repetition
+        key: statistics.median(t / b for t, b in zip(times, seconds[base_of[key]], strict=True))
+        for key, times in seconds.items()
+    }
+    print(
+        f"{'variant':<22} {'median ms':>10} {'min ms':>9} {'vs no NAM':>10} {'paired':>8} "
+        f"{'page faults':>12}"
+    )
     for key, times in seconds.items():
-        # a compiled model is compared with the compiled model without NAM
-        base = median["no NAM, compiled" if key.endswith("compiled") else "no NAM"]
         print(
             f"{key:<22} {median[key] * 1e3:>10.1f} {min(times) * 1e3:>9.1f} "
-            f"{median[key] / base:>9.3f}x {statistics.median(faults[key]):>12.0f}"
+            f"{median[key] / median[base_of[key]]:>9.3f}x {paired[key]:>7.3f}x "
+            f"{statistics.median(faults[key]):>12.0f}"
         )
     print()
     for folded_key, base_key in [
@@ -139,10 +151,10 @@ def main() -> None:
     ]:
         if folded_key in median:
             ratio = median[folded_key] / median[base_key]
-            verdict = "met" if ratio <= TARGET else "NOT met"
+            verdict = "met" if max(ratio, paired[folded_key]) <= TARGET else "NOT met"
             print(
                 f"target, {folded_key} within {TARGET - 1:.0%} of {base_key}: "
-                f"{verdict} ({ratio:.3f}x)"
+                f"{verdict} ({ratio:.3f}x, paired {paired[folded_key]:.3f}x)"
             )
 
 
