@@ -296,6 +296,9 @@ def test_report_when_pruning_removed_nothing() -> None:
     }
     markdown = render_markdown(summary)
     assert "| fine-tuned |" in markdown and "removed 0 channels" in markdown
+    assert "latency 1.00x lower" in markdown
+    # a pruned model that came out slower says so, instead of "0.80x lower"
+    assert "latency 1.25x higher" in render_markdown({**summary, "speedup": 0.8})
 
 
 # --- fit, prune, finetune, validate, test ----------------------------------------------------
