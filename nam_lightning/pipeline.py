@@ -7,9 +7,12 @@ checkpoints, an exported model and PNG plots.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from .pruning import PruneConfig
-from .report import PruneReport, count_flops, count_params, measure_latency
+from .report import PruneReport, count_flops, count_params, eval_mode, measure_latency
 from .sparsity import scale_factors
 
 
@@ -80,24 +83,40 @@ def example_batch(datamodule: pl.LightningDataModule, size: int = 32) -> torch.T
 
 def measure_stage(
     name: str, trainer: pl.Trainer, model: pl.LightningModule, datamodule: Any, batch: torch.Tensor
-) -> Stage:
+) -> tuple[Stage, nn.Module]:
+    """A stage's row (its latency is filled in later) and a CPU copy of its model to time."""
     result = trainer.test(model, datamodule=datamodule, verbose=False)
     acc = float(result[0]["test/acc"]) if result else math.nan
     model.cpu()
-    return Stage(
+    stage = Stage(
         name=name,
         test_acc=acc,
         params=count_params(model),
         flops=count_flops(model, batch),
-        latency_ms=1e3 * _latency(model, batch),
+        latency_ms=math.nan,
     )
+    return stage, copy.deepcopy(model)
 
 
-def _latency(model: nn.Module, batch: torch.Tensor, seconds: float = 1.0) -> float:
-    """Median forward time over about ``seconds`` of passes (10 to 200): a small model's few
-    milliseconds need many passes to rise above the noise of a shared machine."""
-    once = measure_latency(model, batch, repeats=1)
-    return measure_latency(model, batch, repeats=max(10, min(200, int(seconds / once))))
+def time_side_by_side(
+    models: list[nn.Module], batch: torch.Tensor, seconds: float = 1.0
+) -> list[float]:
+    """Median forward time of each model in milliseconds, the models taking turns.
+
+    Each gets about ``seconds`` of passes (10 to 200, after a warm-up pass), so a model of a
+    few milliseconds rises above the noise of a shared machine, and a slow spell of the
+    machine hits all of them alike.
+    """
+    once = max(measure_latency(m, batch, repeats=1) for m in models)
+    rounds = max(10, min(200, int(seconds / once)))
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, samples in zip(models, times, strict=True):
+            with eval_mode(model):
+                start = time.perf_counter()
+                model(batch)
+                samples.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(samples) for samples in times]
 
 
 def run_pipeline(
@@ -116,17 +135,22 @@ def run_pipeline(
     gammas_init = _backbone_gammas(model)  # before NAM is injected: the backbone's own
     trainer = make_trainer("train", True)
     trainer.fit(model, datamodule=datamodule)
-    stages = [measure_stage("trained", trainer, model, datamodule, batch)]
+    measured = [measure_stage("trained", trainer, model, datamodule, batch)]
     gammas_trained = _backbone_gammas(model)
 
     report = pruning.apply(model, batch, measure=False)
-    stages.append(measure_stage("pruned", trainer, model, datamodule, batch))
+    measured.append(measure_stage("pruned", trainer, model, datamodule, batch))
     trainer.save_checkpoint(run_dir / "pruned.ckpt")
 
     finetuner = make_trainer("finetune", False)
     finetuner.fit(model, datamodule=datamodule)
-    stages.append(measure_stage("fine-tuned", finetuner, model, datamodule, batch))
+    measured.append(measure_stage("fine-tuned", finetuner, model, datamodule, batch))
     finetuner.save_checkpoint(run_dir / "finetuned.ckpt")
+
+    stages = [stage for stage, _ in measured]
+    latencies = time_side_by_side([clone for _, clone in measured], batch)
+    for stage, latency in zip(stages, latencies, strict=True):
+        stage.latency_ms = latency
 
     summary: dict[str, Any] = {
         "stages": [asdict(s) for s in stages],
@@ -162,7 +186,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         f"FLOPs {summary['flops_reduction']:.2f}x fewer, parameters "
         f"{summary['params_reduction']:.2f}x fewer, latency {_change(summary['speedup'])} "
-        f"(batch {batch}, CPU, eval mode, median over about a second of passes).",
+        f"(batch {batch}, CPU, eval mode, the three models timed in turns).",
         f"Pruning threshold (|gamma|): {_fmt(summary['pruning']['threshold'])}; removed "
         f"{summary['pruning']['removed_channels']} channels.",
     ]
