@@ -33,6 +33,17 @@ def tiny_resnet(num_classes: int = 10) -> nn.Module:
     )
 
 
+class Tiny(nn.Module):
+    """tiny_resnet as a class of its own, as ``load_checkpoint`` takes (``num_classes`` only)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = tiny_resnet(num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def random_data(n: int = 64, size: int = 8, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     return TensorDataset(

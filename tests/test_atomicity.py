@@ -23,7 +23,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
-from lightning_helpers import Classifier, ConfigureModelClassifier, tiny_resnet, trainer_kwargs
+from lightning_helpers import (
+    Classifier,
+    ConfigureModelClassifier,
+    Tiny,
+    trainer_kwargs,
+)
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -334,15 +339,6 @@ def test_callback_refusing_targets_leaves_the_module_unchanged() -> None:
 
 
 # --- load_checkpoint: the file is only read -------------------------------------------------
-
-
-class Tiny(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.net = tiny_resnet(num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 @pytest.fixture(scope="module")

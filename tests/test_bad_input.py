@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from lightning_helpers import tiny_resnet
+from lightning_helpers import Tiny, tiny_resnet
 from torch import nn
 
 from nam_lightning import (
@@ -333,15 +333,6 @@ def test_prune_channels_names_ignored_layers_given_one_module() -> None:
 
 
 # --- load_checkpoint / save_pruned ----------------------------------------------------------
-
-
-class Tiny(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.net = tiny_resnet(num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class NeedsWidth(nn.Module):
