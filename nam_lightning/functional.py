@@ -119,7 +119,10 @@ class _Kernel:
         self.enabled = os.environ.get("NAM_LIGHTNING_COMPILE", "1") != "0"
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        if not self.enabled or torch.compiler.is_compiling():
+        # Under torch.compile/export and TorchScript tracing (the older ONNX exporter) the
+        # caller's tracer takes the plain operators.
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not self.enabled or tracing:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(
