@@ -11,8 +11,6 @@ import copy
 import json
 import math
 import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 from .pruning import PruneConfig
-from .report import PruneReport, count_flops, count_params, eval_mode, measure_latency
+from .report import PruneReport, count_flops, count_params, measure_latencies
 from .sparsity import scale_factors
 
 
@@ -107,16 +105,9 @@ def time_side_by_side(
     few milliseconds rises above the noise of a shared machine, and a slow spell of the
     machine hits all of them alike.
     """
-    once = max(measure_latency(m, batch, repeats=1) for m in models)
+    once = max(measure_latencies(models, batch, repeats=1))
     rounds = max(10, min(200, int(seconds / once)))
-    times: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for model, samples in zip(models, times, strict=True):
-            with eval_mode(model):
-                start = time.perf_counter()
-                model(batch)
-                samples.append(time.perf_counter() - start)
-    return [1e3 * statistics.median(samples) for samples in times]
+    return [1e3 * t for t in measure_latencies(models, batch, rounds)]
 
 
 def run_pipeline(

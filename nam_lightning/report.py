@@ -51,20 +51,27 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 5) -> float:
     """Median seconds of an eval-mode forward pass (after one warm-up), CUDA-synchronised."""
+    return measure_latencies([model], example_inputs, repeats)[0]
+
+
+def measure_latencies(models: list[nn.Module], example_inputs: Any, repeats: int) -> list[float]:
+    """:func:`measure_latency` of each model, the models taking turns in every repetition so
+    that a slow spell of a shared machine hits all of them alike."""
     args = as_args(example_inputs)
     cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    times = []
-    with eval_mode(model):
-        for i in range(repeats + 1):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(*args)
-            if cuda:
-                torch.cuda.synchronize()
-            if i:  # the first call warms up
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: list[list[float]] = [[] for _ in models]
+    for i in range(repeats + 1):
+        for model, samples in zip(models, times, strict=True):
+            with eval_mode(model):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(*args)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i:  # the first round warms up
+                    samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) for samples in times]
 
 
 def layer_channels(model: nn.Module) -> dict[str, int]:
