@@ -34,6 +34,7 @@ import time
 
 import torch
 import torchvision
+from common import parse_args
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -77,11 +78,7 @@ def main() -> None:
         action="store_true",
         help="also time torch.compile'd no-NAM and folded models (adds ~40 s of compiling)",
     )
-    args = parser.parse_args()
-    for name in ("batch", "size", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"))
     torch.manual_seed(0)
 
     plain = torchvision.models.resnet50(weights=None, num_classes=1000)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 import torchvision
+from common import parse_args
 from torch import nn
 
 from nam_lightning import inject_nam, scale_factors
@@ -60,11 +61,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed repetitions (default 20)")
     parser.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args()
-    for name in ("steps", "batch", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser, positive=("steps", "batch", "threads"))
     torch.manual_seed(0)
 
     net = torchvision.models.resnet18(weights=None, num_classes=100)

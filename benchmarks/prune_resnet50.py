@@ -25,15 +25,17 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Any
 
 import torch
 import torchvision
+from common import parse_args
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nam_lightning import inject_nam, prune_channels
 
-CONFIGS = [  # (label, prune_channels keyword arguments)
+CONFIGS: list[tuple[str, dict[str, Any]]] = [  # (label, prune_channels keyword arguments)
     ("amount=0.5", {"amount": 0.5, "round_to": None}),
     ("amount=0.5", {"amount": 0.5, "round_to": 8}),
     ("flops_target=0.5", {"flops_target": 0.5, "round_to": None}),
@@ -61,11 +63,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
     parser.add_argument("--repeats", type=int, default=7, help="timed forward passes (7)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = parser.parse_args()
-    for name in ("batch", "size", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
-    torch.set_num_threads(args.threads)
+    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"))
     torch.manual_seed(0)
 
     model = torchvision.models.resnet50(weights=None, num_classes=1000)
@@ -74,7 +72,9 @@ def main() -> None:
     model.eval()
     x = torch.randn(args.batch, 3, args.size, args.size)  # (B, C, H, W)
 
-    pruned, reports, prune_s = {}, {}, {}
+    pruned: dict[object, nn.Module] = {}
+    reports: dict[int, Any] = {}
+    prune_s: dict[int, float] = {}
     for i, (_, kwargs) in enumerate(CONFIGS):
         pruned[i] = copy.deepcopy(model)
         start = time.perf_counter()

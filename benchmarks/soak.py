@@ -38,6 +38,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from common import parse_args
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -175,10 +176,7 @@ def main() -> int:
         "--max-growth", type=float, default=10.0, help="allowed RSS growth after warm-up, %% (10)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
-    args = parser.parse_args()
-    for name in ("steps", "batch", "samples", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    args = parse_args(parser, positive=("steps", "batch", "samples", "threads"))
     warmup = args.steps // 10 if args.warmup is None else args.warmup
     if not 0 <= warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {warmup}")
@@ -187,7 +185,6 @@ def main() -> int:
     if not args.max_growth >= 0:
         parser.error(f"--max-growth must be >= 0, got {args.max_growth}")
 
-    torch.set_num_threads(args.threads)
     pl.seed_everything(0, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

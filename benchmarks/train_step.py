@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torchvision
+from common import parse_args
 from torch import nn
 from torchvision.models import resnet
 
@@ -309,15 +310,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant (2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 3 repetitions")
-    args = parser.parse_args()
+    args = parse_args(parser, positive=("reps", "threads"))
     if args.quick:
         args.reps = 3
-    for name in ("reps", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
-    torch.set_num_threads(args.threads)
 
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
