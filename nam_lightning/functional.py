@@ -119,9 +119,14 @@ class _Kernel:
         self.enabled = os.environ.get("NAM_LIGHTNING_COMPILE", "1") != "0"
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        # Under torch.compile/export and TorchScript tracing (the older ONNX exporter) the
-        # caller's tracer takes the plain operators.
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        # Under torch.compile/export, TorchScript tracing (the older ONNX exporter) and FX
+        # symbolic tracing (its proxies stand for tensors) the caller's tracer takes the plain
+        # operators.
+        tracing = (
+            torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or any(isinstance(a, torch.fx.Proxy) for a in args)
+        )
         if not self.enabled or tracing:
             return self.fn(*args)
         if self.compiled is None:
@@ -131,13 +136,17 @@ class _Kernel:
         try:
             return self.compiled(*args)
         except Exception as err:  # a missing toolchain shows up at the first call
+            # Where the plain operators fail as well, the inputs are at fault, not compiling:
+            # their error propagates and the kernel stays compiled.
+            result = self.fn(*args)
             self.enabled = False
+            first_line = next(iter(str(err).strip().splitlines()), "")[:200]
             warnings.warn(
-                f"nam_lightning: compiling the NAM kernels failed ({type(err).__name__}); "
-                "running them eagerly (exact, but slower).",
+                f"nam_lightning: compiling the NAM kernels failed ({type(err).__name__}: "
+                f"{first_line}); running them eagerly (exact, but slower).",
                 stacklevel=2,
             )
-            return self.fn(*args)
+            return result
 
 
 _moments_kernel = _Kernel(_moments)  # eager var_mean over (N, H, W) is ~10x slower on CPU

@@ -292,6 +292,21 @@ def test_folded_model_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
 
 
+@torch.no_grad()
+def test_fx_symbolic_trace_records_the_plain_operators_and_keeps_kernels_compiled():
+    import warnings
+
+    from nam_lightning import fold
+
+    model = folded(tiny())
+    x = torch.randn(3, 3, 6, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning would fail the test
+        graph = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-6)
+    assert all(k.enabled for k in (fold._gate_kernel, fold._bn_gate_kernel))
+
+
 def test_folded_spatial_attention_rejects_another_resolution():
     model = folded(tiny(spatial=True))
     with pytest.raises(ValueError, match="6x5 feature maps but got 6x6"):
