@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import NAMSite
-from .functional import _Kernel
+from .functional import _Kernel, _neg_log2e
 from .inject import replace_modules
 
 
@@ -90,15 +90,12 @@ class FoldedNAM(nn.Module):
                 "its scale factors belong to positions, so the input resolution must stay the "
                 "one NAM was built with."
             )
-        # sigmoid(t) = 1 / (1 + 2^(-t log2 e)): the logit's constants take the -log2 e (C
-        # values), and each element is spared sigmoid's exp for the cheaper exp2.
-        scale = _channels(self.gate_scale * _NEG_LOG2E, x)
-        shift = _channels(self.gate_shift * _NEG_LOG2E, x)
+        # the (C,) buffers go to the kernel as they are: reshaping them there costs nothing,
+        # here it costs a few eager operator calls per site
         if self.bn_scale is not None and self.bn_shift is not None:
-            bn_scale, bn_shift = _channels(self.bn_scale, x), _channels(self.bn_shift, x)
-            y = _bn_gate_kernel(x, scale, shift, bn_scale, bn_shift)
+            y = _bn_gate_kernel(x, self.gate_scale, self.gate_shift, self.bn_scale, self.bn_shift)
         else:
-            y = _gate_kernel(x, scale, shift)
+            y = _gate_kernel(x, self.gate_scale, self.gate_shift)
         if self.pixel_scale is not None and self.pixel_shift is not None:
             pixel_gate = torch.addcmul(
                 self.pixel_shift.to(y.dtype), y, self.pixel_scale.to(y.dtype)
@@ -113,13 +110,17 @@ class FoldedNAM(nn.Module):
         return text
 
 
-_NEG_LOG2E = -1.4426950408889634  # -log2(e)
+def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``-log2(e) * (scale * x + shift)`` per channel, the argument of exp2 in the sigmoid (see
+    :func:`~nam_lightning.functional._neg_log2e`). The -log2(e) goes into the ``(C,)``
+    constants, in their own precision, before they take ``x``'s dtype."""
+    shift, scale = _channels(_neg_log2e(shift), x), _channels(_neg_log2e(scale), x)
+    return torch.addcmul(shift, x, scale)
 
 
 def _gate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(t)`` for the logit ``t = -(scale * x + shift) / log2(e)``, computed as
-    ``x / (1 + 2^(scale * x + shift))``; the constants broadcast over ``x``."""
-    return x / (1 + torch.exp2(torch.addcmul(shift, x, scale)))
+    """``x * sigmoid(scale * x + shift)`` per channel."""
+    return x / (1 + torch.exp2(_logit_base2(x, scale, shift)))
 
 
 def _bn_gate(
@@ -129,8 +130,9 @@ def _bn_gate(
     bn_scale: torch.Tensor,
     bn_shift: torch.Tensor,
 ) -> torch.Tensor:
-    """``(bn_scale * x + bn_shift) / (1 + 2^(scale * x + shift))``, see :func:`_gate`."""
-    return torch.addcmul(bn_shift, x, bn_scale) / (1 + torch.exp2(torch.addcmul(shift, x, scale)))
+    """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)`` per channel."""
+    bn = torch.addcmul(_channels(bn_shift, x), x, _channels(bn_scale, x))
+    return bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))
 
 
 # One fused pass over memory each (compiled), as cheap as the BatchNorm a site replaces; eager

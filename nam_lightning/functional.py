@@ -37,7 +37,11 @@ def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.var_mean(z, dim=(0, 2, 3), keepdim=True, correction=0)
 
 
-_NEG_LOG2E = -1.4426950408889634  # -log2(e)
+def _neg_log2e(t: torch.Tensor) -> torch.Tensor:
+    """``-log2(e) * t``, for ``sigmoid(t) = 1 / (1 + 2^(-log2(e) t))``: exp2 costs less than
+    sigmoid's exp on a CPU. The constant is a literal: ``torch.compile`` would make a float
+    global an input of the kernel."""
+    return t * -1.4426950408889634
 
 
 def _gate_parts(
@@ -52,8 +56,7 @@ def _gate_parts(
     """``zh``, the gated input ``x = a zh + b`` and the gate ``s = sigmoid(p zh + q)``
     (recomputed in each kernel instead of being kept for backward)."""
     zh = (z - mean) * invstd
-    # sigmoid(t) as 1 / (1 + 2^(-t log2 e)): exp2 costs less than sigmoid's exp on a CPU
-    return zh, a * zh + b, 1 / (1 + torch.exp2((p * zh + q) * _NEG_LOG2E))
+    return zh, a * zh + b, 1 / (1 + torch.exp2(_neg_log2e(p * zh + q)))
 
 
 def _gate_forward(z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
