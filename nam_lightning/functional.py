@@ -106,11 +106,14 @@ def _gate_input_grad(
 # Inductor stores an intermediate to memory once it is read by several reductions or grows
 # past an operation count; in these kernels every intermediate is cheaper to recompute than to
 # store and load again (backward pass 1 at (8, 256, 56, 56): 73 ms -> 29 ms on one thread).
-_FUSE_EVERYTHING: dict[str, str | int | bool | Callable[..., Any]] = {
+# And the C++ compiler may fuse a multiply and an add into one FMA (one rounding, not two):
+# the folded site's kernel 5-8% faster.
+_INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
     "realize_reads_threshold": 1000,
     "realize_opusers_threshold": 1000,
     "realize_cpu_opcount_threshold": 1000,
     "realize_cpu_acc_reads_threshold": 1000,
+    "cpp.enable_floating_point_contract_flag": "fast",
 }
 
 
@@ -138,7 +141,7 @@ class _Kernel:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(
-                self.fn, dynamic=True, fullgraph=True, options=_FUSE_EVERYTHING
+                self.fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
             )
         try:
             return self.compiled(*args)
