@@ -37,11 +37,13 @@ class Stage:
 
 
 def check_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse to write into a run directory that already has artifacts, unless told to."""
+    """Refuse to write into a run directory that already has artifacts, unless told to.
+    Creates nothing: an option refused after this check leaves no directory behind."""
     path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--run_dir {path}: a file is in the way, not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise _taken(path)
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -52,6 +54,7 @@ def claim_run_dir(run_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     started together into one new directory both pass the check, and only one of them can
     create the file (``O_EXCL``), so the other stops before writing anything.
     """
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     path = Path(run_dir) / "config.yaml"
     if not overwrite:
         try:

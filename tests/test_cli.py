@@ -516,7 +516,7 @@ def test_cifar_without_files_fails_clearly(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(root) in message and "cifar-10-batches-py" in message
     assert "--data.download=true" in message
-    assert not files_under(run_dir) and not files_under(root)
+    assert not run_dir.exists() and not files_under(root)
 
 
 def test_missing_image_folder_fails_before_training(tmp_path: Path) -> None:
@@ -534,7 +534,7 @@ def test_missing_image_folder_fails_before_training(tmp_path: Path) -> None:
     message = str(info.value)
     assert "must hold the folders 'train' and 'val'" in message
     assert str(tmp_path / "nowhere") in message
-    assert not files_under(run_dir)
+    assert not run_dir.exists()  # not even an empty directory
 
 
 # --- model options ---------------------------------------------------------------------------
@@ -579,7 +579,7 @@ def test_unknown_model(command: str, tmp_path: Path) -> None:
     assert "not_a_model" in message
     for valid in ("small_resnet", "resnet18", "mobilenet_v2"):
         assert valid in message
-    assert not files_under(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -601,7 +601,7 @@ def test_impossible_pruning_target(options: list[str], names: list[str], tmp_pat
         cli("run", *TINY, *options, f"--run_dir={run_dir}")
     for name in names:
         assert name in str(info.value)
-    assert not files_under(run_dir)
+    assert not run_dir.exists()  # not even an empty directory
 
 
 def test_impossible_pruning_target_for_prune(fit_checkpoint: Path, tmp_path: Path) -> None:
@@ -614,7 +614,7 @@ def test_impossible_pruning_target_for_prune(fit_checkpoint: Path, tmp_path: Pat
             f"--ckpt_path={fit_checkpoint}",
             f"--run_dir={run_dir}",
         )
-    assert not files_under(run_dir)
+    assert not run_dir.exists()  # not even an empty directory
 
 
 @pytest.mark.parametrize(
@@ -652,7 +652,7 @@ def test_bad_nam_option(command: str, options: list[str], name: str, tmp_path: P
     with pytest.raises(ValueError) as info:
         cli(command, *TINY, *options, where)
     assert name in str(info.value)
-    assert not files_under(tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(
@@ -694,6 +694,14 @@ def test_existing_run_dir_needs_overwrite(
     assert snapshot(run_dir) == before
 
 
+def test_run_dir_that_is_a_file_is_refused_untouched(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.write_text("not a directory\n")
+    with pytest.raises(NotADirectoryError, match=r"--run_dir .*a file is in the way"):
+        cli("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    assert run_dir.read_text() == "not a directory\n"
+
+
 def test_run_that_loses_the_race_for_a_new_run_dir_writes_nothing(tmp_path: Path) -> None:
     """Two runs started together into one new directory both find it empty; the one that
     creates config.yaml second stops before writing anything."""
@@ -704,7 +712,8 @@ def test_run_that_loses_the_race_for_a_new_run_dir_writes_nothing(tmp_path: Path
 
     def check_then_lose_the_race(path: Any, overwrite: bool) -> Path:
         checked = check(path, overwrite)
-        (Path(path) / "config.yaml").write_text("the other run\n")  # it claims it meanwhile
+        Path(path).mkdir(parents=True)  # the other run claims it meanwhile
+        (Path(path) / "config.yaml").write_text("the other run\n")
         return checked
 
     with (
