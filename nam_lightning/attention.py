@@ -13,12 +13,11 @@ any layer that produces ``(N, C, H, W)`` feature maps.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from . import functional
+from .checks import check_bool, check_finite_float
 
 
 def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
@@ -57,7 +56,7 @@ class NAMChannelAttention(nn.Module):
         super().__init__()
         _check_positive_int("channels", channels)
         check_bool("detach_weights", detach_weights)
-        check_eps(eps)
+        check_finite_float("eps", eps)  # 0 or less divides by zero on constant input
         self.detach_weights = detach_weights
         self.bn = nn.BatchNorm2d(channels, eps=eps)
         self.register_buffer("pruned_mass", torch.zeros(()))
@@ -101,7 +100,7 @@ class NAMSpatialAttention(nn.Module):
         _check_positive_int("size[0]", size[0])
         _check_positive_int("size[1]", size[1])
         check_bool("detach_weights", detach_weights)
-        check_eps(eps)
+        check_finite_float("eps", eps)
         self.size = (int(size[0]), int(size[1]))
         self.detach_weights = detach_weights
         self.bn = nn.BatchNorm1d(self.size[0] * self.size[1], eps=eps)
@@ -202,16 +201,3 @@ class NAMSite(nn.Module):
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-
-
-def check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a bool (True or False), got {value!r}")
-
-
-def check_eps(eps: object) -> None:
-    """BatchNorm's ``eps``: a finite float > 0 (0 or less divides by zero on constant input)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"`eps` must be a float, got {type(eps).__name__}")
-    if not (0 < eps < math.inf):
-        raise ValueError(f"`eps` must be a finite float > 0, got {eps!r}")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -31,7 +30,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from .attention import NAMSite, check_bool
+from .attention import NAMSite
+from .checks import check_bool, check_finite_float
 from .inject import Sites, check_sites, inject_nam, resolve_sites
 from .pruning import PruneConfig
 from .record import PRUNING_ATTR
@@ -89,23 +89,13 @@ class NAMCallback(Callback):
         prune: float | PruneConfig | None = None,
         fuse: bool = True,
     ) -> None:
-        if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
-            raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
-        if not math.isfinite(lambda_) or lambda_ < 0:
-            raise ValueError(f"`lambda_` must be a finite float >= 0, got {lambda_!r}")
+        check_finite_float("lambda_", lambda_, zero_ok=True)
         check_targets(targets)
         check_sites(sites)
         flags = (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse))
         for name, flag in flags:
             check_bool(name, flag)
-        if isinstance(sparsity_threshold, bool) or not isinstance(sparsity_threshold, (int, float)):
-            raise TypeError(
-                f"`sparsity_threshold` must be a float, got {type(sparsity_threshold).__name__}"
-            )
-        if not (0 < sparsity_threshold < math.inf):
-            raise ValueError(
-                f"`sparsity_threshold` must be a finite float > 0, got {sparsity_threshold!r}"
-            )
+        check_finite_float("sparsity_threshold", sparsity_threshold)
         if log_on not in ("step", "epoch"):
             raise ValueError(f"`log_on` must be 'step' or 'epoch', got {log_on!r}")
         self.lambda_ = float(lambda_)

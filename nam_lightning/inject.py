@@ -17,8 +17,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, resnet
 
-from .attention import NAM, NAMSite, check_bool, check_eps
+from .attention import NAM, NAMSite
+from .checks import check_bool, check_finite_float
 from .record import attach_record
+from .report import as_args, eval_mode
 
 Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -93,7 +95,7 @@ def inject_nam(
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     for flag, value in (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse)):
         check_bool(flag, value)
-    check_eps(eps)
+    check_finite_float("eps", eps)
     if example_inputs is not None and not isinstance(
         example_inputs, (torch.Tensor, tuple, list, dict)
     ):
@@ -306,14 +308,12 @@ def _probe_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> di
             shapes[name] = tuple(out.shape[1:])
 
         handles.append(model.get_submodule(name).register_forward_hook(record))
-    flags = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model):
             if isinstance(example_inputs, dict):
                 model(**example_inputs)
             else:
-                model(*(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)))
+                model(*as_args(example_inputs))
     except Exception as err:
         raise ValueError(
             f"{type(model).__name__} failed on `example_inputs`, which are run through it to "
@@ -322,8 +322,6 @@ def _probe_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> di
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     for name in names:
         if name not in shapes:
             raise ValueError(f"Site {name!r} did not run on `example_inputs`.")

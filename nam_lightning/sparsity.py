@@ -9,7 +9,6 @@ as if ``p * l1_penalty(model)`` had been added to the loss.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Literal, get_args
 
@@ -18,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import NAMChannelAttention, NAMSpatialAttention
+from .checks import check_finite_float
 
 Targets = Literal["nam", "bn", "all"]
 TARGETS: tuple[str, ...] = get_args(Targets)
@@ -82,10 +82,7 @@ def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
         lambda_: the penalty's weight, a finite float >= 0.
     """
     params = _tensors(params)
-    if isinstance(lambda_, bool) or not isinstance(lambda_, (int, float)):
-        raise TypeError(f"`lambda_` must be a float, got {type(lambda_).__name__}")
-    if not 0 <= lambda_ < math.inf:
-        raise ValueError(f"`lambda_` must be a finite float >= 0, got {lambda_!r}")
+    check_finite_float("lambda_", lambda_, zero_ok=True)
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad or lambda_ == 0:
         return
@@ -103,10 +100,7 @@ def sparsity(params: Iterable[torch.Tensor], threshold: float = 1e-2) -> torch.T
         params: the scale factors (e.g. :func:`scale_factors`), or one tensor.
         threshold: a finite float > 0.
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"`threshold` must be a float, got {type(threshold).__name__}")
-    if not 0 < threshold < math.inf:
-        raise ValueError(f"`threshold` must be a finite float > 0, got {threshold!r}")
+    check_finite_float("threshold", threshold)
     flat = [p.detach().reshape(-1) for p in _tensors(params)]
     if sum(f.numel() for f in flat) == 0:
         return torch.zeros(())
