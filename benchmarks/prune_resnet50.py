@@ -130,10 +130,9 @@ def main() -> None:
     compile_s = 0.0
     with torch.inference_mode():
         for key, (m, inp) in runs.items():
-            start = time.perf_counter()
-            m(inp)  # warm-up (and compiling)
+            warm_up = forward_seconds(m, inp)  # and compiling
             if key[1] == "compiled":
-                compile_s += time.perf_counter() - start
+                compile_s += warm_up
         # All models take turns in every repetition, so a slow spell of the machine hits them
         # alike; the order alternates, so none always runs right after the same one.
         for rep in range(args.repeats):

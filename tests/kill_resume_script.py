@@ -193,8 +193,7 @@ def main(out: Path, mode: str) -> None:
     phase, _, action = mode.partition("-")
     last = out / f"{phase}_ckpts" / "last.ckpt"
     if mode == "prune":
-        pl.seed_everything(0, verbose=False)
-        model = ResumableClassifier(lr=0.05)
+        model = new_model(out, "train")
         trainer = pl.Trainer(
             callbacks=[NAMCallback(LAMBDA, prune=0.5)], **trainer_kwargs(max_steps=8)
         )

@@ -29,8 +29,8 @@ from lightning_helpers import (
     Tiny,
     trainer_kwargs,
 )
+from test_pruning import randomise_bns
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import nam_lightning.checkpoint
 import nam_lightning.fold
@@ -57,20 +57,6 @@ class Interrupted(Exception):
 
 
 # --- the model and what must survive --------------------------------------------------------
-
-
-@torch.no_grad()
-def randomise_bns(model: nn.Module) -> nn.Module:
-    """Random scale factors, shifts and statistics: a wrong restore changes the output."""
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.weight is not None and m.running_var is not None:
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
 
 
 def resnet(nam: bool = False, spatial: bool = False) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nam_lightning import NAM, NAMSite
-from nam_lightning.functional import _gate_forward, _gate_input_grad, _gate_sums
+from nam_lightning.functional import _gate_forward, _gate_input_grad, _gate_sums, _Kernel
 
 DT = torch.float64
 
@@ -166,8 +166,6 @@ def test_compiled_kernels_equal_the_eager_math() -> None:
 
 
 def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> None:
-    from nam_lightning import functional
-
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler\nsecond line of a long log")
@@ -175,7 +173,7 @@ def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> No
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    kernel = functional._Kernel(_gate_forward)
+    kernel = _Kernel(_gate_forward)
     z, coefficients = torch.randn(2, 3, 4, 4), [torch.rand(1, 3, 1, 1) + 0.5 for _ in range(6)]
     with pytest.warns(UserWarning, match=r"failed \(RuntimeError: no C\+\+ compiler\); running"):
         out = kernel(z, *coefficients)
@@ -184,13 +182,11 @@ def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> No
 
 
 def test_kernel_input_errors_propagate_and_keep_it_compiled(monkeypatch) -> None:
-    from nam_lightning import functional
-
     def checking_compile(fn, **kwargs):  # fails where the eager function fails, like Inductor
         return fn
 
     monkeypatch.setattr(torch, "compile", checking_compile)
-    kernel = functional._Kernel(_gate_forward)
+    kernel = _Kernel(_gate_forward)
     bad = [torch.rand(1, 5, 1, 1) for _ in range(6)]  # 5 channels for a 3-channel input
     with pytest.raises(RuntimeError, match="size of tensor"):
         kernel(torch.randn(2, 3, 4, 4), *bad)

@@ -52,7 +52,6 @@ from pathlib import Path
 import torch
 
 SCRIPT = Path(__file__).with_name("kill_resume_script.py")
-STEPS = 24  # 3 epochs x 8 batches
 BATCHES_PER_EPOCH = 8
 
 

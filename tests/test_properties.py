@@ -30,7 +30,7 @@ import torch
 import torch_pruning as tp
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 from hypothesis import strategies as st
-from test_pruning import assert_unchanged, randomise_bns, snapshot
+from test_pruning import assert_unchanged, conv_channels, nam_bns, randomise_bns, snapshot
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -400,14 +400,6 @@ def output_layer(model: GeneratedNet) -> nn.Linear | nn.Conv2d:
     return next(m for m in reversed(model.head) if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
-def nam_bns(model: nn.Module) -> set[int]:
-    return {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
-
-
-def conv_out(model: nn.Module) -> dict[str, int]:
-    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-
-
 # --- 1. train, prune, train on -------------------------------------------------------------
 
 
@@ -552,7 +544,7 @@ def test_a_trained_generated_net_prunes_into_a_smaller_working_net(
     loss = nn.functional.cross_entropy(model(x), y) + lambda_ * l1_penalty(model)
     loss.backward()
     optimizer.step()
-    params_before, convs_before = count_params(model), conv_out(model)
+    params_before, convs_before = count_params(model), conv_channels(model)
     # round_to can hold only where a conv's channels are one group's: a conv holding a
     # concatenation's channels takes cuts from several groups, each rounded on its own
     whole = set().union(*(g.whole for g in coupled_groups(model, x)))
@@ -579,8 +571,8 @@ def test_a_trained_generated_net_prunes_into_a_smaller_working_net(
         assert report.flops_after < report.flops_before
     else:
         assert report.params_after == params_before
-        assert conv_out(model) == convs_before
-    for name, channels in conv_out(model).items():
+        assert conv_channels(model) == convs_before
+    for name, channels in conv_channels(model).items():
         assert math.ceil(convs_before[name] * (1 - max_layer_amount) - 1e-9) <= channels
         assert channels <= convs_before[name]
         if round_to and name in whole:
@@ -823,7 +815,7 @@ def test_no_layer_of_a_concatenated_group_loses_more_than_max_layer_amount() -> 
             assert isinstance(bn, nn.BatchNorm2d)
             bn.weight[:4] = 0.01
     prune_channels(model, x, 0.3, max_layer_amount=0.5, measure=False)
-    after = conv_out(model)
+    after = conv_channels(model)
     assert after["blocks.1.branches.0.0.conv"] == 3  # 2 of the 4 went, not all 4
     assert after["blocks.2.conv"] == 6
     assert model(x).shape == (2, 3)
