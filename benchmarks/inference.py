@@ -1,10 +1,14 @@
 """Inference latency of NAM, unfolded and folded (``fold_nam``), on resnet50 on the CPU.
 
-Three eval-mode variants of one torchvision resnet50 share their backbone weights: without
-NAM; with NAM at its 16 blocks (``inject_nam``); and a copy of the latter after ``fold_nam``,
-where each site's BatchNorm and NAM have become one parameter-free module. Every BatchNorm
-(NAM's included) gets random scale factors, shifts and running statistics, so the outputs
-are meaningful and the folded model is checked against the unfolded one (max abs difference).
+Four eval-mode variants of one torchvision resnet50 share their backbone weights: without
+NAM; with NAM written straightforwardly (``StraightforwardNAM`` of ``train_step.py``: BatchNorm,
+weights, sigmoid, multiply, as PyTorch operators); with our NAM at its 16 blocks
+(``inject_nam``), which in eval mode under no gradient computes each site, its BatchNorm
+included, in one pass from the running statistics; and a copy of ours after ``fold_nam``, where
+each site has become one parameter-free module with those constants baked in. Every BatchNorm
+(NAM's included) gets random scale factors, shifts and running statistics, so the outputs are
+meaningful; ours, unfolded and folded, are checked against the straightforward one (max abs
+difference).
 The variants take turns in every repetition, so a slow spell of the machine hits them alike;
 the order alternates between repetitions. The table shows the median latency, its ratio to
 the model without NAM, and the paired ratio (the median over repetitions of the ratio within
@@ -37,6 +41,7 @@ import torchvision
 from common import parse_args
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from train_step import StraightforwardNAM, add_straightforward_nam
 
 from nam_lightning import NAMSite, inject_nam
 from nam_lightning.fold import fold_nam
@@ -87,7 +92,14 @@ def main() -> None:
     sites = inject_nam(nam)
     nams = nn.ModuleList(m.nam for m in nam.modules() if isinstance(m, NAMSite))
     randomise_batchnorms(nams, torch.Generator().manual_seed(1))  # the backbone's stay shared
+    straightforward = copy.deepcopy(plain)
+    add_straightforward_nam(straightforward)
+    ours = (m for m in nam.modules() if isinstance(m, NAMSite))
+    theirs = (m for m in straightforward.modules() if isinstance(m, StraightforwardNAM))
+    for site, written_out in zip(ours, theirs, strict=True):  # the same NAM statistics
+        written_out.bn.load_state_dict(site.nam.channel.bn.state_dict())
     plain.eval()
+    straightforward.eval()
     nam.eval()
     folded = copy.deepcopy(nam)
     fold_start = time.perf_counter()
@@ -95,7 +107,12 @@ def main() -> None:
     fold_ms = (time.perf_counter() - fold_start) * 1e3
     x = torch.randn(args.batch, 3, args.size, args.size)  # (B, C, H, W)
 
-    models = {"no NAM": plain, "NAM": nam, "NAM folded": folded}
+    models = {
+        "no NAM": plain,
+        "NAM, straightforward": straightforward,
+        "NAM": nam,
+        "NAM folded": folded,
+    }
     if args.compile:
         models["no NAM, compiled"] = torch.compile(plain, fullgraph=True)
         models["NAM folded, compiled"] = torch.compile(folded, fullgraph=True)
@@ -116,13 +133,14 @@ def main() -> None:
         f"eval mode, inference_mode; median of {args.repeats} alternating forward passes"
     )
     print(f"NAM sites: {len(sites)}; folded: {folded_count} (fold_nam took {fold_ms:.1f} ms)")
-    scale = outputs["NAM"].abs().max().item()
-    effect = (outputs["NAM"] - outputs["no NAM"]).abs().max().item()
+    reference = outputs["NAM, straightforward"]
+    scale = reference.abs().max().item()
+    effect = (reference - outputs["no NAM"]).abs().max().item()
     print(f"outputs up to {scale:.3g}; max |NAM - no NAM| = {effect:.3g}")
     for key in models:
-        if key.startswith("NAM folded"):
-            diff = (outputs[key] - outputs["NAM"]).abs().max().item()
-            print(f"max |{key} - NAM| = {diff:.3g}")
+        if key == "NAM" or key.startswith("NAM folded"):
+            diff = (outputs[key] - reference).abs().max().item()
+            print(f"max |{key} - NAM, straightforward| = {diff:.3g}")
     print()
     median = {key: statistics.median(times) for key, times in seconds.items()}
     # a compiled model is compared with the compiled model without NAM

@@ -12,7 +12,8 @@ The second table shows the eval-mode latency of the original and each pruned mod
 forms a model runs in on a CPU, all of them timed in turns in one process (median of the
 repetitions, the order alternating):
 
-- ``eager``: the model as trained, in eval mode (NCHW, NAM unfolded);
+- ``eager``: the model as trained, in eval mode (NCHW, NAM unfolded: under no gradient each
+  site is one pass computed from the running statistics);
 - ``deployed``: after ``fold_nam`` (each NAM site one fused pass) in channels_last memory
   format, the CPU's native layout for convolutions (no reordering around each one);
 - ``compiled`` (``--compile``): the deployed model under ``torch.compile`` with Inductor's

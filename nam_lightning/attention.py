@@ -69,6 +69,8 @@ class NAMChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         if functional.lean_applies(x, self.bn):
             return functional.nam_channel_gate(x, self.bn, self.weights())
+        if functional.eval_applies(x, self.bn):
+            return functional.eval_channel_gate(x, self.bn, self.weights())
         z = self.bn(x)
         return x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
 
@@ -176,7 +178,9 @@ class NAMSite(nn.Module):
 
     When ``module`` is a BatchNorm and both it and NAM train with batch statistics, the two
     BatchNorms share one statistics pass and one elementwise pass
-    (:func:`~nam_lightning.functional.bn_nam_channel_gate`); ``fuse=False`` turns that off.
+    (:func:`~nam_lightning.functional.bn_nam_channel_gate`); in eval mode under no gradient
+    (validation, inference) both apply their running statistics in one pass
+    (:func:`~nam_lightning.functional.eval_bn_channel_gate`). ``fuse=False`` turns both off.
     """
 
     def __init__(self, module: nn.Module, nam: NAM, *, fuse: bool = True) -> None:
@@ -194,8 +198,11 @@ class NAMSite(nn.Module):
         channel = self.nam.channel
         if self.fuse and functional.fusion_applies(x, self.module, channel.bn):
             y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
-            return y if self.nam.spatial is None else self.nam.spatial(y)
-        return self.nam(self.module(x))
+        elif self.fuse and functional.eval_fusion_applies(x, self.module, channel.bn):
+            y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.weights())
+        else:
+            return self.nam(self.module(x))
+        return y if self.nam.spatial is None else self.nam.spatial(y)
 
 
 def _check_positive_int(name: str, value: object) -> None:

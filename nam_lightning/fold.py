@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import NAMSite
-from .functional import _Kernel, _neg_log2e
+from .attention import NAMSite, _normalised_abs
+from .functional import _bn_gate_kernel, _gate_kernel, bn_affine
 from .inject import replace_modules
 
 
@@ -108,38 +108,6 @@ class FoldedNAM(nn.Module):
         if self.pixel_scale is not None:
             text += f", spatial_size={tuple(self.pixel_scale.shape)}"
         return text
-
-
-def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``-log2(e) * (scale * x + shift)`` per channel, the argument of exp2 in the sigmoid (see
-    :func:`~nam_lightning.functional._neg_log2e`). The -log2(e) goes into the ``(C,)``
-    constants, in their own precision, before they take ``x``'s dtype."""
-    shift, scale = _channels(_neg_log2e(shift), x), _channels(_neg_log2e(scale), x)
-    return torch.addcmul(shift, x, scale)
-
-
-def _gate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(scale * x + shift)`` per channel."""
-    return x / (1 + torch.exp2(_logit_base2(x, scale, shift)))
-
-
-def _bn_gate(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
-) -> torch.Tensor:
-    """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)`` per channel."""
-    bn = torch.addcmul(_channels(bn_shift, x), x, _channels(bn_scale, x))
-    return bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))
-
-
-# One fused pass over memory each (compiled), as cheap as the BatchNorm a site replaces; eager
-# PyTorch makes a pass and a fresh tensor per operator (+9% on resnet50). Two functions, not
-# one with optional arguments: torch.compile keeps a cache per function.
-_gate_kernel = _Kernel(_gate)
-_bn_gate_kernel = _Kernel(_bn_gate)
 
 
 def fold_nam(model: nn.Module) -> int:
@@ -245,20 +213,9 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
 def _affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` with ``bn(x) == A * x + B`` per feature in eval mode; float64 on the CPU."""
     assert bn.running_mean is not None and bn.running_var is not None
-    scale = torch.rsqrt(_cpu64(bn.running_var) + bn.eps)
-    shift = -_cpu64(bn.running_mean) * scale
-    if bn.weight is not None:
-        weight = _cpu64(bn.weight)
-        scale, shift = scale * weight, shift * weight
-    if bn.bias is not None:
-        shift = shift + _cpu64(bn.bias)
-    return scale, shift
-
-
-def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None) -> torch.Tensor:
-    """NAM's weights ``|scale| / (sum |scale| + removed)``, 0 (not NaN) when all are zero."""
-    total = scale.abs().sum() if removed is None else scale.abs().sum() + removed
-    return scale.abs() / torch.where(total > 0, total, torch.ones_like(total))
+    weight = None if bn.weight is None else _cpu64(bn.weight)
+    bias = None if bn.bias is None else _cpu64(bn.bias)
+    return bn_affine(_cpu64(bn.running_mean), _cpu64(bn.running_var), bn.eps, weight, bias)
 
 
 def _cpu64(t: torch.Tensor) -> torch.Tensor:
@@ -268,11 +225,6 @@ def _cpu64(t: torch.Tensor) -> torch.Tensor:
 def _like(t: torch.Tensor | None, reference: torch.Tensor) -> torch.Tensor | None:
     """``t`` on the device and in the dtype of ``reference`` (``None`` stays ``None``)."""
     return None if t is None else t.to(reference)
-
-
-def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel ``(C,)`` buffer shaped to broadcast over ``x`` and of its dtype."""
-    return t.to(x.dtype).view(1, -1, 1, 1)
 
 
 def _has_running_stats(bn: _BatchNorm) -> bool:

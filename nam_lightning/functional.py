@@ -1,4 +1,5 @@
-"""NAM's training-time computation with minimal saved state (plain PyTorch autograd).
+"""NAM's computation in few passes over memory: training with minimal saved state (plain
+PyTorch autograd), and eval mode as one pass.
 
 Written straightforwardly, NAM keeps two extra activation-sized tensors per site for backward
 (its BatchNorm's input and the gate). Here one custom autograd function computes
@@ -19,6 +20,10 @@ saving only its input ``z``, and recomputes the cheap rest in backward. It cover
 The per-channel coefficients are computed with ordinary autograd ops (cheap, ``C`` values), so
 gradients reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in the
 unfused formula; running statistics are updated as ``nn.BatchNorm2d`` does.
+
+In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
+running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval
+section below; :func:`nam_lightning.fold_nam` bakes the same constants into buffers).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +135,14 @@ class _Kernel:
         self.enabled = os.environ.get("NAM_LIGHTNING_COMPILE", "1") != "0"
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        # Under torch.compile/export, TorchScript tracing (the older ONNX exporter) and FX
-        # symbolic tracing (its proxies stand for tensors) the caller's tracer takes the plain
+        # Under torch.compile/export, TorchScript tracing (the older ONNX exporter), FX
+        # symbolic tracing (its proxies stand for tensors) and a dispatch mode (FlopCounterMode,
+        # fake tensors; torch.compile refuses to run under one) the caller takes the plain
         # operators.
         tracing = (
             torch.compiler.is_compiling()
             or torch.jit.is_tracing()
+            or is_in_torch_dispatch_mode()
             or any(isinstance(a, torch.fx.Proxy) for a in args)
         )
         if not self.enabled or tracing:
@@ -296,4 +304,135 @@ def bn_nam_channel_gate(
     return y
 
 
-__all__ = ["bn_nam_channel_gate", "fusion_applies", "lean_applies", "nam_channel_gate"]
+# --- eval mode: the gate from the running statistics, one pass over memory ---------------------
+#
+# With running statistics a BatchNorm is an affine map per channel, ``BN(x) = A * x + B``, so NAM
+# is ``x * sigmoid(a * x + b)`` with ``a = w * A``, ``b = w * B``, and after the site's BatchNorm
+# ``x = alpha * z + beta`` it is ``(alpha * z + beta) * sigmoid(p * z + q)`` with
+# ``p = a * alpha``, ``q = a * beta + b``: one compiled pass instead of five operators.
+
+
+def eval_applies(x: torch.Tensor, bn: nn.Module) -> bool:
+    """Whether ``bn`` is a BatchNorm normalising with its running statistics (eval mode) and
+    ``x`` a float32/float64 (N, C, H, W) input under no gradient: the case the eval kernels
+    compute exactly. Under autograd the plain operators run, so gradients stay PyTorch's."""
+    return (
+        (_plain_bn(bn) or type(bn) is nn.SyncBatchNorm)
+        and not bn.training
+        and getattr(bn, "running_mean", None) is not None
+        and getattr(bn, "running_var", None) is not None
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.is_grad_enabled()
+    )
+
+
+def eval_fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bool:
+    """Whether ``bn`` followed by NAM's ``nam_bn`` can run as one eval-mode pass."""
+    return eval_applies(x, bn) and eval_applies(x, nam_bn)
+
+
+def bn_affine(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``BN(x) = A * x + B`` per feature, from running ``mean`` and ``var``."""
+    scale = torch.rsqrt(var + eps)
+    shift = -mean * scale
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def _running_affine(bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    assert bn.running_mean is not None and bn.running_var is not None
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(dtype)
+
+    mean, var = cast(bn.running_mean), cast(bn.running_var)
+    assert mean is not None and var is not None
+    return bn_affine(mean, var, bn.eps, cast(bn.weight), cast(bn.bias))
+
+
+def _coefficient_dtype(x: torch.Tensor, bn: nn.Module) -> torch.dtype:
+    """The per-channel constants are worked out in the wider of the input's and the
+    BatchNorm's precision, then rounded once to the input's in the kernel."""
+    assert isinstance(bn.running_var, torch.Tensor)
+    return torch.promote_types(x.dtype, bn.running_var.dtype)
+
+
+def eval_channel_gate(x: torch.Tensor, nam_bn: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(w * nam_bn(x))`` with ``nam_bn`` in eval mode, in one pass."""
+    a, b = _running_affine(nam_bn, _coefficient_dtype(x, nam_bn))
+    w = w.detach().to(a.dtype)
+    return _gate_kernel(x, w * a, w * b)
+
+
+def eval_bn_channel_gate(
+    z: torch.Tensor, bn: nn.Module, nam_bn: nn.Module, w: torch.Tensor
+) -> torch.Tensor:
+    """``x * sigmoid(w * nam_bn(x))`` with ``x = bn(z)``, both BatchNorms in eval mode, in one
+    pass over ``z``."""
+    dtype = torch.promote_types(_coefficient_dtype(z, bn), _coefficient_dtype(z, nam_bn))
+    alpha, beta = _running_affine(bn, dtype)
+    a, b = _running_affine(nam_bn, dtype)
+    a, b = w.detach().to(dtype) * a, w.detach().to(dtype) * b
+    return _bn_gate_kernel(z, a * alpha, a * beta + b, alpha, beta)
+
+
+def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(C,)`` vector shaped to broadcast over ``x`` and of its dtype."""
+    return t.to(x.dtype).view(1, -1, 1, 1)
+
+
+def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``-log2(e) * (scale * x + shift)`` per channel, the argument of exp2 in the sigmoid (see
+    :func:`_neg_log2e`). The -log2(e) goes into the ``(C,)`` constants, in their own
+    precision, before they take ``x``'s dtype."""
+    shift, scale = _channels(_neg_log2e(shift), x), _channels(_neg_log2e(scale), x)
+    return torch.addcmul(shift, x, scale)
+
+
+def _gate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(scale * x + shift)`` per channel."""
+    return x / (1 + torch.exp2(_logit_base2(x, scale, shift)))
+
+
+def _bn_gate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)`` per channel."""
+    bn = torch.addcmul(_channels(bn_shift, x), x, _channels(bn_scale, x))
+    return bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))
+
+
+# One fused pass over memory each (compiled), as cheap as the BatchNorm a site replaces; eager
+# PyTorch makes a pass and a fresh tensor per operator (+9% on resnet50). Two functions, not
+# one with optional arguments: torch.compile keeps a cache per function. Used by the eval path
+# above and by nam_lightning.fold.
+_gate_kernel = _Kernel(_gate)
+_bn_gate_kernel = _Kernel(_bn_gate)
+
+
+__all__ = [
+    "bn_affine",
+    "bn_nam_channel_gate",
+    "eval_applies",
+    "eval_bn_channel_gate",
+    "eval_channel_gate",
+    "eval_fusion_applies",
+    "fusion_applies",
+    "lean_applies",
+    "nam_channel_gate",
+]

@@ -167,7 +167,8 @@ def test_load_checkpoint_in_process_matches_and_overrides(saved: dict[str, Any])
     assert loaded.hparams.lr == 0.5
     x = torch.load(saved["dir"] / "lightning_x.pt")
     output, _ = saved["expected"]["lightning_full"]
-    assert torch.equal(loaded.eval()(x), output)
+    with torch.no_grad():  # as the expected output was computed (eval NAM: one-pass kernels)
+        assert torch.equal(loaded.eval()(x), output)
     # the weights-only checkpoint holds the same weights
     weights = tensors(load_checkpoint(Classifier, saved["dir"] / "weights.ckpt"))
     full = tensors(loaded)

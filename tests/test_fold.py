@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet
 
-from nam_lightning import NAM, NAMSite, inject_nam, prune_channels, remove_nam
+from nam_lightning import NAM, NAMSite, functional, inject_nam, prune_channels, remove_nam
 from nam_lightning.fold import FoldedNAM, fold_nam
 
 SIZE = 32
@@ -72,6 +74,13 @@ def folded(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     fold_nam(out)
     return out
+
+
+def plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The unfolded model's output from PyTorch's own operators: under autograd a NAM site in
+    eval mode runs them (its one-pass eval kernels are for no-grad inference only)."""
+    with torch.enable_grad():
+        return model(x).detach()
 
 
 def count_sites(model: nn.Module) -> int:
@@ -146,14 +155,15 @@ def test_folded_model_matches_unfolded(name, spatial):
     for site in sites:  # each auto site wraps a BatchNorm2d, which is folded in too
         assert isinstance(result.get_submodule(site), FoldedNAM)
         assert result.get_submodule(site).bn_scale is not None
-    expected = model(x)
+    expected = plain(model, x)
     without_nam = copy.deepcopy(model)
     remove_nam(without_nam)
     assert (expected - without_nam(x)).abs().max() > 1e-2  # NAM changes the outputs
     torch.testing.assert_close(result(x), expected, rtol=0, atol=1e-6)
 
     model64 = model.double()
-    torch.testing.assert_close(folded(model64)(x.double()), model64(x.double()), rtol=0, atol=1e-12)
+    x64 = x.double()
+    torch.testing.assert_close(folded(model64)(x64), plain(model64, x64), rtol=0, atol=1e-12)
 
 
 @torch.no_grad()
@@ -164,9 +174,10 @@ def test_fold_after_channel_pruning():
     masses = [m.nam.channel.pruned_mass for m in model.modules() if isinstance(m, NAMSite)]
     assert any(mass > 0 for mass in masses)
     model.eval()
-    torch.testing.assert_close(folded(model)(x), model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(folded(model)(x), plain(model, x), rtol=0, atol=1e-6)
     model64 = model.double()
-    torch.testing.assert_close(folded(model64)(x.double()), model64(x.double()), rtol=0, atol=1e-12)
+    x64 = x.double()
+    torch.testing.assert_close(folded(model64)(x64), plain(model64, x64), rtol=0, atol=1e-12)
 
 
 @torch.no_grad()
@@ -185,7 +196,100 @@ def test_sites_that_are_not_foldable_batchnorms_keep_their_module():
         kept = result.get_submodule(index)
         assert isinstance(kept, nn.Sequential) and isinstance(kept[1], FoldedNAM)
         assert kept[1].bn_scale is None
-    torch.testing.assert_close(result(x), model(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(result(x), plain(model, x), rtol=0, atol=1e-6)
+
+
+# --- unfolded, in eval mode under no_grad: the same constants, worked out at each call ----
+
+
+@pytest.mark.parametrize("spatial", [False, True], ids=["channel", "spatial"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+@torch.no_grad()
+def test_unfolded_eval_inference_runs_one_pass_per_site_and_matches_the_plain_operators(
+    name, spatial
+):
+    x = torch.randn(2, 3, SIZE, SIZE)
+    model = build(name, spatial, x)
+    calls = []
+    kernels = (functional._bn_gate_kernel, functional._gate_kernel)
+    with mock.patch.object(functional._Kernel, "__call__", autospec=True) as call:
+        call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
+        model(x)
+    assert calls == [functional._bn_gate_kernel] * count_sites(model)
+    torch.testing.assert_close(model(x), plain(model, x), rtol=0, atol=1e-6)  # compiled
+
+    model64 = model.double()
+    x64 = x.double()
+    torch.testing.assert_close(model64(x64), plain(model64, x64), rtol=0, atol=1e-12)
+    assert all(k.enabled for k in kernels)
+
+
+@torch.no_grad()
+def test_eval_inference_without_a_site_batchnorm_and_with_fuse_off():
+    """NAM after a convolution gates in one pass on its own; ``fuse=False`` keeps the site's
+    BatchNorm apart. Both against the NAM formula written out."""
+    conv = nn.Conv2d(3, 4, 1)
+    nam = NAM(4, eps=0.2)
+    randomise_bns(nam, seed=2)
+    nam.channel.pruned_mass.fill_(0.4)
+    bn = randomise_bns(nn.BatchNorm2d(4, eps=0.3), seed=3)
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+
+    def formula(x: torch.Tensor) -> torch.Tensor:
+        gamma = nam.channel.bn.weight
+        weights = gamma.abs() / (gamma.abs().sum() + nam.channel.pruned_mass)
+        return x * torch.sigmoid(weights.view(1, -1, 1, 1) * bn_eval(x, nam.channel.bn))
+
+    after_conv = NAMSite(conv, nam).double().eval()
+    expected = formula(conv(x))
+    torch.testing.assert_close(after_conv(x), expected, rtol=0, atol=1e-12)
+
+    unfused = NAMSite(bn, nam, fuse=False).double().eval()
+    z = conv(x)
+    with mock.patch.object(functional, "eval_bn_channel_gate") as fused:
+        torch.testing.assert_close(unfused(z), formula(bn_eval(z, bn)), rtol=0, atol=1e-12)
+    fused.assert_not_called()
+
+
+@pytest.mark.parametrize("case", ["training", "grad", "bfloat16", "no_running_stats"])
+def test_eval_kernels_stay_out_where_they_do_not_apply(case):
+    """Training mode, autograd (gradients stay PyTorch's) and low precision run no eval kernel;
+    a site BatchNorm that normalises with batch statistics in eval mode is not fused, and NAM
+    after it gates on its own."""
+    bn = nn.BatchNorm2d(4, track_running_stats=case != "no_running_stats")
+    model = nn.Sequential(NAMSite(bn, NAM(4)))
+    randomise_bns(model)
+    model.train(case == "training")
+    x = torch.randn(2, 4, 3, 3)
+    if case == "bfloat16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    calls = []
+    with (
+        mock.patch.object(functional._Kernel, "__call__", autospec=True) as call,
+        torch.set_grad_enabled(case in ("training", "grad")),
+    ):
+        call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
+        model(x)
+    eval_kernels = [k for k in calls if k in (functional._gate_kernel, functional._bn_gate_kernel)]
+    assert eval_kernels == ([functional._gate_kernel] if case == "no_running_stats" else [])
+    assert calls or case != "training"  # training took the lean path's own kernels
+
+
+@torch.no_grad()
+def test_flop_counting_sees_the_plain_operators_and_keeps_the_kernels_compiled():
+    """torch.compile refuses to run under a dispatch mode such as FlopCounterMode: the kernels
+    give the mode their plain operators instead of falling back to eager for good."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny()
+    x = torch.randn(3, 3, 6, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning would fail the test
+        with FlopCounterMode(display=False) as counter:
+            out = model(x)
+    torch.testing.assert_close(out, plain(model, x), rtol=0, atol=1e-6)
+    assert counter.get_total_flops() > 0
+    assert all(k.enabled for k in (functional._gate_kernel, functional._bn_gate_kernel))
 
 
 def test_folded_modules_are_parameter_free_buffers_that_travel():
@@ -294,17 +398,13 @@ def test_folded_model_compiles_without_graph_breaks():
 
 @torch.no_grad()
 def test_fx_symbolic_trace_records_the_plain_operators_and_keeps_kernels_compiled():
-    import warnings
-
-    from nam_lightning import fold
-
     model = folded(tiny())
     x = torch.randn(3, 3, 6, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback warning would fail the test
         graph = torch.fx.symbolic_trace(model)
     torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-6)
-    assert all(k.enabled for k in (fold._gate_kernel, fold._bn_gate_kernel))
+    assert all(k.enabled for k in (functional._gate_kernel, functional._bn_gate_kernel))
 
 
 def test_folded_spatial_attention_rejects_another_resolution():
