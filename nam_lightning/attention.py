@@ -20,15 +20,6 @@ from . import functional
 from .checks import check_bool, check_finite_float
 
 
-def _normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
-    """``|scale| / (sum |scale| + removed)``, with an all-zero sum giving zeros, not NaN."""
-    magnitude = scale.abs()
-    total = magnitude.sum() if removed is None else magnitude.sum() + removed
-    # A heavy L1 penalty can drive every scale factor to exactly zero: dividing by 1 then gives
-    # w = 0 (a neutral 0.5 gate) and finite gradients, never 0/0.
-    return magnitude / torch.where(total > 0, total, torch.ones_like(total))
-
-
 class NAMChannelAttention(nn.Module):
     """NAM channel attention: ``x * sigmoid(w * BN(x))`` with ``w = |gamma| / sum |gamma|``.
 
@@ -64,13 +55,13 @@ class NAMChannelAttention(nn.Module):
     def weights(self) -> torch.Tensor:
         """The attention weights ``w = |gamma| / (sum |gamma| + pruned_mass)``, shape (C,)."""
         gamma = self.bn.weight.detach() if self.detach_weights else self.bn.weight
-        return _normalised_abs(gamma, self.pruned_mass)
+        return functional.normalised_abs(gamma, self.pruned_mass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         if functional.lean_applies(x, self.bn):
             return functional.nam_channel_gate(x, self.bn, self.weights())
         if functional.eval_applies(x, self.bn):
-            return functional.eval_channel_gate(x, self.bn, self.weights())
+            return functional.eval_channel_gate(x, self.bn, self.pruned_mass)
         z = self.bn(x)
         return x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
 
@@ -118,7 +109,7 @@ class NAMSpatialAttention(nn.Module):
             )
         z = self.bn(x.reshape(n * c, h * w))  # each position normalised over N x C
         lam = self.bn.weight.detach() if self.detach_weights else self.bn.weight
-        gate = torch.sigmoid(z * _normalised_abs(lam).to(z.dtype))  # (N*C, H*W)
+        gate = torch.sigmoid(z * functional.normalised_abs(lam).to(z.dtype))  # (N*C, H*W)
         return x * gate.view(n, c, h, w)
 
 
@@ -199,7 +190,7 @@ class NAMSite(nn.Module):
         if self.fuse and functional.fusion_applies(x, self.module, channel.bn):
             y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
         elif self.fuse and functional.eval_fusion_applies(x, self.module, channel.bn):
-            y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.weights())
+            y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.pruned_mass)
         else:
             return self.nam(self.module(x))
         return y if self.nam.spatial is None else self.nam.spatial(y)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .attention import NAMSite, _normalised_abs
-from .functional import _bn_gate_kernel, _gate_kernel, bn_affine
+from .attention import NAMSite
+from .functional import _bn_gate_kernel, _gate_kernel, bn_affine, normalised_abs
 from .inject import replace_modules
 
 
@@ -183,7 +183,7 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
 
     # Constants are worked out in float64 (on the CPU, which every backend can copy to) and
     # rounded once, so the folded model is as close to the exact maths as the unfolded one.
-    w = _normalised_abs(_cpu64(nam.channel.bn.weight), _cpu64(nam.channel.pruned_mass))
+    w = normalised_abs(_cpu64(nam.channel.bn.weight), _cpu64(nam.channel.pruned_mass))
     a, b = _affine(nam.channel.bn)
     gate_scale, gate_shift = w * a, w * b
     bn_scale = bn_shift = None
@@ -194,7 +194,7 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     pixel_scale = pixel_shift = None
     if nam.spatial is not None:
         _check_running_stats(f"{name}.nam.spatial.bn", nam.spatial.bn)
-        w_lambda = _normalised_abs(_cpu64(nam.spatial.bn.weight), None)
+        w_lambda = normalised_abs(_cpu64(nam.spatial.bn.weight), None)
         a_p, b_p = _affine(nam.spatial.bn)
         pixel_scale = (w_lambda * a_p).view(nam.spatial.size)
         pixel_shift = (w_lambda * b_p).view(nam.spatial.size)

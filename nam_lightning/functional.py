@@ -28,6 +28,7 @@ section below; :func:`nam_lightning.fold_nam` bakes the same constants into buff
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -123,6 +124,15 @@ _INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
 }
 
 
+# Shapes are symbolic, but dtypes, memory layouts, eps values, sizes of 1 and affine or not each
+# compile a variant; past torch.compile's default of 8 per function a kernel would run eagerly
+# from then on (a process that validates, prunes and exports meets many). Recent versions of
+# torch.compile take a per-function limit; older ones keep their 8.
+_RECOMPILE_LIMIT: dict[str, Any] = {}
+if "recompile_limit" in inspect.signature(torch.compile).parameters:
+    _RECOMPILE_LIMIT["recompile_limit"] = 64
+
+
 class _Kernel:
     """``fn`` compiled by ``torch.compile`` into one fused loop (eager PyTorch would make a
     pass over memory per operator: ~4x slower forward, ~10x slower backward on CPU), or
@@ -134,7 +144,7 @@ class _Kernel:
         self.compiled: Callable[..., Any] | None = None
         self.enabled = os.environ.get("NAM_LIGHTNING_COMPILE", "1") != "0"
 
-    def __call__(self, *args: torch.Tensor) -> Any:
+    def __call__(self, *args: Any) -> Any:
         # Under torch.compile/export, TorchScript tracing (the older ONNX exporter), FX
         # symbolic tracing (its proxies stand for tensors) and a dispatch mode (FlopCounterMode,
         # fake tensors; torch.compile refuses to run under one) the caller takes the plain
@@ -149,7 +159,11 @@ class _Kernel:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(
-                self.fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS
+                self.fn,
+                dynamic=True,
+                fullgraph=True,
+                options=_INDUCTOR_OPTIONS,
+                **_RECOMPILE_LIMIT,
             )
         try:
             return self.compiled(*args)
@@ -332,6 +346,16 @@ def eval_fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bo
     return eval_applies(x, bn) and eval_applies(x, nam_bn)
 
 
+def normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
+    """NAM's weights ``|scale| / (sum |scale| + removed)``, with an all-zero sum giving zeros,
+    not NaN."""
+    magnitude = scale.abs()
+    total = magnitude.sum() if removed is None else magnitude.sum() + removed
+    # A heavy L1 penalty can drive every scale factor to exactly zero: dividing by 1 then gives
+    # w = 0 (a neutral 0.5 gate) and finite gradients, never 0/0.
+    return magnitude / torch.where(total > 0, total, torch.ones_like(total))
+
+
 def bn_affine(
     mean: torch.Tensor,
     var: torch.Tensor,
@@ -349,42 +373,63 @@ def bn_affine(
     return scale, shift
 
 
-def _running_affine(bn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+# An eval-mode BatchNorm as kernel arguments: running mean, running variance, eps, weight and
+# bias (None where not affine).
+BNState = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, torch.Tensor | None]
+
+
+def _bn_state(bn: nn.Module) -> BNState:
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     assert bn.running_mean is not None and bn.running_var is not None
-
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.detach().to(dtype)
-
-    mean, var = cast(bn.running_mean), cast(bn.running_var)
-    assert mean is not None and var is not None
-    return bn_affine(mean, var, bn.eps, cast(bn.weight), cast(bn.bias))
+    # detached: torch.compile fixes the shapes of Parameters, one compiled kernel per width
+    weight = None if bn.weight is None else bn.weight.detach()
+    bias = None if bn.bias is None else bn.bias.detach()
+    return bn.running_mean, bn.running_var, bn.eps, weight, bias
 
 
-def _coefficient_dtype(x: torch.Tensor, bn: nn.Module) -> torch.dtype:
-    """The per-channel constants are worked out in the wider of the input's and the
-    BatchNorm's precision, then rounded once to the input's in the kernel."""
-    assert isinstance(bn.running_var, torch.Tensor)
-    return torch.promote_types(x.dtype, bn.running_var.dtype)
+def _affine_in(dtype: torch.dtype, *state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bn_affine` of a :data:`BNState`, worked out in ``dtype``."""
+    mean, var, eps, weight, bias = state
+    weight = None if weight is None else weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return bn_affine(mean.to(dtype), var.to(dtype), eps, weight, bias)
 
 
-def eval_channel_gate(x: torch.Tensor, nam_bn: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(w * nam_bn(x))`` with ``nam_bn`` in eval mode, in one pass."""
-    a, b = _running_affine(nam_bn, _coefficient_dtype(x, nam_bn))
-    w = w.detach().to(a.dtype)
-    return _gate_kernel(x, w * a, w * b)
+def _nam_logit(dtype: torch.dtype, removed: torch.Tensor, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
+    """``(a, b)``: NAM's gate logit ``w * nam_bn(x) = a * x + b``, from a :data:`BNState`."""
+    scale, shift = _affine_in(dtype, *nam_bn)
+    w = normalised_abs(nam_bn[3].to(dtype), removed.to(dtype))
+    return w * scale, w * shift
+
+
+def _eval_nam_constants(removed: torch.Tensor, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
+    """``(a, b)`` of NAM on ``x`` in eval mode, ``x * sigmoid(a * x + b)``, from NAM's
+    BatchNorm (a BNState) and its ``pruned_mass``."""
+    return _nam_logit(nam_bn[1].dtype, removed, *nam_bn)
+
+
+def _eval_site_constants(removed: torch.Tensor, *states: Any) -> tuple[torch.Tensor, ...]:
+    """``(p, q, alpha, beta)`` of a site in eval mode, ``y = (alpha * z + beta) *
+    sigmoid(p * z + q)`` from the site BatchNorm's input ``z``; ``states``: the BNStates of the
+    site's BatchNorm and of NAM's."""
+    bn, nam_bn = states[:5], states[5:]
+    alpha, beta = _affine_in(torch.promote_types(bn[1].dtype, nam_bn[1].dtype), *bn)
+    a, b = _nam_logit(alpha.dtype, removed, *nam_bn)
+    return a * alpha, a * beta + b, alpha, beta
+
+
+def eval_channel_gate(x: torch.Tensor, nam_bn: nn.Module, removed: torch.Tensor) -> torch.Tensor:
+    """NAM's ``x * sigmoid(w * nam_bn(x))`` with ``nam_bn`` in eval mode and
+    ``w = |gamma| / (sum |gamma| + removed)``, in one pass over ``x``."""
+    return _gate_kernel(x, *_eval_nam_constants_kernel(removed, *_bn_state(nam_bn)))
 
 
 def eval_bn_channel_gate(
-    z: torch.Tensor, bn: nn.Module, nam_bn: nn.Module, w: torch.Tensor
+    z: torch.Tensor, bn: nn.Module, nam_bn: nn.Module, removed: torch.Tensor
 ) -> torch.Tensor:
-    """``x * sigmoid(w * nam_bn(x))`` with ``x = bn(z)``, both BatchNorms in eval mode, in one
-    pass over ``z``."""
-    dtype = torch.promote_types(_coefficient_dtype(z, bn), _coefficient_dtype(z, nam_bn))
-    alpha, beta = _running_affine(bn, dtype)
-    a, b = _running_affine(nam_bn, dtype)
-    a, b = w.detach().to(dtype) * a, w.detach().to(dtype) * b
-    return _bn_gate_kernel(z, a * alpha, a * beta + b, alpha, beta)
+    """The same after ``x = bn(z)``, both BatchNorms in eval mode, in one pass over ``z``."""
+    constants = _eval_site_constants_kernel(removed, *_bn_state(bn), *_bn_state(nam_bn))
+    return _bn_gate_kernel(z, *constants)
 
 
 def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -423,6 +468,11 @@ def _bn_gate(
 # above and by nam_lightning.fold.
 _gate_kernel = _Kernel(_gate)
 _bn_gate_kernel = _Kernel(_bn_gate)
+# The eval path's per-channel constants: a dozen operators on C values, which as eager calls
+# cost more than the pass itself on small feature maps. Compiled apart from the pass: inlined
+# into it, Inductor would work them out again for every element (2x slower at 256x56x56).
+_eval_nam_constants_kernel = _Kernel(_eval_nam_constants)
+_eval_site_constants_kernel = _Kernel(_eval_site_constants)
 
 
 __all__ = [
@@ -435,4 +485,5 @@ __all__ = [
     "fusion_applies",
     "lean_applies",
     "nam_channel_gate",
+    "normalised_abs",
 ]

@@ -11,6 +11,7 @@ be exact to rounding.
 from __future__ import annotations
 
 import copy
+import itertools
 import shutil
 import warnings
 from typing import Any
@@ -211,17 +212,34 @@ def test_unfolded_eval_inference_runs_one_pass_per_site_and_matches_the_plain_op
     x = torch.randn(2, 3, SIZE, SIZE)
     model = build(name, spatial, x)
     calls = []
-    kernels = (functional._bn_gate_kernel, functional._gate_kernel)
+    one_site = [functional._eval_site_constants_kernel, functional._bn_gate_kernel]
     with mock.patch.object(functional._Kernel, "__call__", autospec=True) as call:
         call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
         model(x)
-    assert calls == [functional._bn_gate_kernel] * count_sites(model)
+    assert calls == one_site * count_sites(model)
     torch.testing.assert_close(model(x), plain(model, x), rtol=0, atol=1e-6)  # compiled
 
     model64 = model.double()
     x64 = x.double()
     torch.testing.assert_close(model64(x64), plain(model64, x64), rtol=0, atol=1e-12)
-    assert all(k.enabled for k in kernels)
+    assert all(k.enabled for k in one_site)
+
+
+@torch.no_grad()
+def test_eval_kernels_serve_every_width_and_many_variants():
+    """Sixteen sites stay compiled. Widths are symbolic (Parameters reach torch.compile
+    detached, or it would fix their shapes); sizes of 1 and dtypes are variants of their own,
+    more than torch.compile's default limit of 8 per function."""
+    variants = itertools.product((1, 2), (1, 3), (1, 4), (torch.float32, torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning would fail the test
+        for c, (n, h, w, dtype) in enumerate(variants, start=3):
+            site = NAMSite(nn.BatchNorm2d(c), NAM(c)).to(dtype).eval()
+            randomise_bns(site, seed=c)
+            x = torch.randn(n, c, h, w, dtype=dtype)
+            torch.testing.assert_close(site(x), plain(site, x), rtol=0, atol=1e-6)
+    assert functional._eval_site_constants_kernel.enabled
+    assert functional._bn_gate_kernel.enabled
 
 
 @torch.no_grad()
@@ -270,8 +288,14 @@ def test_eval_kernels_stay_out_where_they_do_not_apply(case):
     ):
         call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
         model(x)
-    eval_kernels = [k for k in calls if k in (functional._gate_kernel, functional._bn_gate_kernel)]
-    assert eval_kernels == ([functional._gate_kernel] if case == "no_running_stats" else [])
+    eval_kernels = [
+        functional._eval_nam_constants_kernel,
+        functional._gate_kernel,
+        functional._eval_site_constants_kernel,
+        functional._bn_gate_kernel,
+    ]
+    nam_alone = eval_kernels[:2] if case == "no_running_stats" else []
+    assert [k for k in calls if k in eval_kernels] == nam_alone
     assert calls or case != "training"  # training took the lean path's own kernels
 
 
@@ -289,7 +313,8 @@ def test_flop_counting_sees_the_plain_operators_and_keeps_the_kernels_compiled()
             out = model(x)
     torch.testing.assert_close(out, plain(model, x), rtol=0, atol=1e-6)
     assert counter.get_total_flops() > 0
-    assert all(k.enabled for k in (functional._gate_kernel, functional._bn_gate_kernel))
+    kernels = (functional._eval_site_constants_kernel, functional._bn_gate_kernel)
+    assert all(k.enabled for k in kernels)
 
 
 def test_folded_modules_are_parameter_free_buffers_that_travel():
