@@ -387,34 +387,20 @@ def _bn_state(bn: nn.Module) -> BNState:
     return bn.running_mean, bn.running_var, bn.eps, weight, bias
 
 
-def _affine_in(dtype: torch.dtype, *state: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bn_affine` of a :data:`BNState`, worked out in ``dtype``."""
-    mean, var, eps, weight, bias = state
-    weight = None if weight is None else weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    return bn_affine(mean.to(dtype), var.to(dtype), eps, weight, bias)
-
-
-def _nam_logit(dtype: torch.dtype, removed: torch.Tensor, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
-    """``(a, b)``: NAM's gate logit ``w * nam_bn(x) = a * x + b``, from a :data:`BNState`."""
-    scale, shift = _affine_in(dtype, *nam_bn)
-    w = normalised_abs(nam_bn[3].to(dtype), removed.to(dtype))
-    return w * scale, w * shift
-
-
 def _eval_nam_constants(removed: torch.Tensor, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
     """``(a, b)`` of NAM on ``x`` in eval mode, ``x * sigmoid(a * x + b)``, from NAM's
     BatchNorm (a BNState) and its ``pruned_mass``."""
-    return _nam_logit(nam_bn[1].dtype, removed, *nam_bn)
+    scale, shift = bn_affine(*nam_bn)
+    w = normalised_abs(nam_bn[3], removed)
+    return w * scale, w * shift
 
 
 def _eval_site_constants(removed: torch.Tensor, *states: Any) -> tuple[torch.Tensor, ...]:
     """``(p, q, alpha, beta)`` of a site in eval mode, ``y = (alpha * z + beta) *
     sigmoid(p * z + q)`` from the site BatchNorm's input ``z``; ``states``: the BNStates of the
     site's BatchNorm and of NAM's."""
-    bn, nam_bn = states[:5], states[5:]
-    alpha, beta = _affine_in(torch.promote_types(bn[1].dtype, nam_bn[1].dtype), *bn)
-    a, b = _nam_logit(alpha.dtype, removed, *nam_bn)
+    alpha, beta = bn_affine(*states[:5])
+    a, b = _eval_nam_constants(removed, *states[5:])
     return a * alpha, a * beta + b, alpha, beta
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -60,9 +61,11 @@ def measure_latencies(models: list[nn.Module], example_inputs: Any, repeats: int
     args = as_args(example_inputs)
     cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     times: list[list[float]] = [[] for _ in models]
-    for i in range(repeats + 1):
-        for model, samples in zip(models, times, strict=True):
-            with eval_mode(model):
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
+        for i in range(repeats + 1):
+            for model, samples in zip(models, times, strict=True):
                 if cuda:
                     torch.cuda.synchronize()
                 start = time.perf_counter()

@@ -10,10 +10,12 @@ be exact to rounding.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import shutil
 import warnings
+from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
@@ -82,6 +84,15 @@ def plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eval mode runs them (its one-pass eval kernels are for no-grad inference only)."""
     with torch.enable_grad():
         return model(x).detach()
+
+
+@contextlib.contextmanager
+def kernel_calls() -> Iterator[list[Any]]:
+    """The NAM kernels called inside the block, in order (each runs its plain function)."""
+    calls: list[Any] = []
+    with mock.patch.object(functional._Kernel, "__call__", autospec=True) as call:
+        call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
+        yield calls
 
 
 def count_sites(model: nn.Module) -> int:
@@ -211,10 +222,8 @@ def test_unfolded_eval_inference_runs_one_pass_per_site_and_matches_the_plain_op
 ):
     x = torch.randn(2, 3, SIZE, SIZE)
     model = build(name, spatial, x)
-    calls = []
     one_site = [functional._eval_site_constants_kernel, functional._bn_gate_kernel]
-    with mock.patch.object(functional._Kernel, "__call__", autospec=True) as call:
-        call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
+    with kernel_calls() as calls:
         model(x)
     assert calls == one_site * count_sites(model)
     torch.testing.assert_close(model(x), plain(model, x), rtol=0, atol=1e-6)  # compiled
@@ -227,9 +236,8 @@ def test_unfolded_eval_inference_runs_one_pass_per_site_and_matches_the_plain_op
 
 @torch.no_grad()
 def test_eval_kernels_serve_every_width_and_many_variants():
-    """Sixteen sites stay compiled. Widths are symbolic (Parameters reach torch.compile
-    detached, or it would fix their shapes); sizes of 1 and dtypes are variants of their own,
-    more than torch.compile's default limit of 8 per function."""
+    """Sixteen sites of different widths, sizes of 1 and dtypes stay compiled: the size-1 and
+    dtype variants are more than torch.compile's default limit of 8 per function."""
     variants = itertools.product((1, 2), (1, 3), (1, 4), (torch.float32, torch.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback warning would fail the test
@@ -240,6 +248,24 @@ def test_eval_kernels_serve_every_width_and_many_variants():
             torch.testing.assert_close(site(x), plain(site, x), rtol=0, atol=1e-6)
     assert functional._eval_site_constants_kernel.enabled
     assert functional._bn_gate_kernel.enabled
+
+
+@torch.no_grad()
+def test_eval_kernels_compile_once_for_all_widths():
+    """Parameters reach torch.compile detached: it would otherwise fix their shapes and compile
+    the kernels again for every channel count."""
+    from torch._dynamo.utils import counters
+
+    def site(c: int) -> nn.Module:
+        return randomise_bns(NAMSite(nn.BatchNorm2d(c), NAM(c)), seed=c).eval()
+
+    x = torch.randn(2, 5, 3, 4)
+    site(5)(x)  # compiled (or already cached) for this input's kind
+    before = counters["stats"]["unique_graphs"]
+    for c in range(6, 12):
+        x = torch.randn(2, c, 3, 4)
+        torch.testing.assert_close(site(c)(x), plain(site(c), x), rtol=0, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] == before
 
 
 @torch.no_grad()
@@ -281,12 +307,7 @@ def test_eval_kernels_stay_out_where_they_do_not_apply(case):
     x = torch.randn(2, 4, 3, 3)
     if case == "bfloat16":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-    calls = []
-    with (
-        mock.patch.object(functional._Kernel, "__call__", autospec=True) as call,
-        torch.set_grad_enabled(case in ("training", "grad")),
-    ):
-        call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
+    with kernel_calls() as calls, torch.set_grad_enabled(case in ("training", "grad")):
         model(x)
     eval_kernels = [
         functional._eval_nam_constants_kernel,
