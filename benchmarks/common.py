@@ -1,18 +1,77 @@
-"""What the benchmark scripts share: their command-line checks and CPU thread setting."""
+"""What the benchmark scripts share: their command-line checks, CPU thread setting, the memory
+allocator's setting and a timed forward pass."""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import platform
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
-def parse_args(parser: argparse.ArgumentParser, positive: tuple[str, ...]) -> argparse.Namespace:
+
+def parse_args(
+    parser: argparse.ArgumentParser, positive: tuple[str, ...], malloc_option: bool = False
+) -> argparse.Namespace:
     """Parse the command line, refuse a non-positive value of any option in ``positive`` (a
-    usage error naming it), and use ``--threads`` CPU threads."""
+    usage error naming it), and use ``--threads`` CPU threads.
+
+    With ``malloc_option``, the process's allocator keeps freed memory (see
+    :func:`keep_freed_memory`) unless ``--default-malloc`` is given; ``args.malloc`` says which.
+    """
+    if malloc_option:
+        parser.add_argument(
+            "--default-malloc",
+            action="store_true",
+            help="leave the allocator as configured: glibc then returns large freed blocks to "
+            "the OS and every pass page-faults them back (latencies move by up to ~20%% "
+            "between processes)",
+        )
     args = parser.parse_args()
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
+    if malloc_option:
+        args.malloc = "as configured" if args.default_malloc else keep_freed_memory()
     return args
+
+
+def keep_freed_memory() -> str:
+    """Have glibc's malloc keep freed blocks of up to 32 MiB in the process; says what was set.
+
+    By default glibc serves a large block with a fresh ``mmap`` (or trims the heap after a
+    large free), so every forward pass faults its activations' pages back in and the kernel
+    zeroes them: system time that depends on the process's allocation history more than on
+    the model, so that two processes timing the same models can disagree by 20%. Kept in the
+    process, as PyTorch's CUDA caching allocator or jemalloc keep them, the pages are faulted
+    once, and the timings measure the arithmetic. Blocks above 32 MiB (glibc's largest mmap
+    threshold; larger batches) still go to ``mmap``. The same as starting Python with
+    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647``.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "as configured (not glibc)"
+    libc = ctypes.CDLL("libc.so.6")
+    if not (
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+        and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    ):
+        return "as configured (mallopt refused)"
+    return "glibc keeping freed blocks up to 32 MiB (mallopt)"
+
+
+def timed_forward(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tuple[float, int]:
+    """Seconds and minor page faults (fresh memory pages touched) of one forward pass."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.perf_counter()
+    model(x)
+    seconds = time.perf_counter() - start
+    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults

@@ -18,27 +18,27 @@ the folded model under ``torch.compile(fullgraph=True)``, compared with each oth
 
 Eager CPU latency depends on the memory allocator as much as on the arithmetic: glibc hands
 large freed blocks back to the operating system, and the fresh pages of the next allocation
-are faulted in and zeroed one by one. The table shows these minor page faults per forward pass
-(median); ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296`` in the
-environment keeps freed memory in the process and shows the cost of the arithmetic alone.
+are faulted in and zeroed one by one. So the script first has glibc keep freed memory in the
+process (``common.keep_freed_memory``) and the table shows the cost of the arithmetic, with the
+minor page faults per forward pass (median) to show that none are left; ``--default-malloc``
+leaves the allocator as configured.
 
 Run from the repository root::
 
     python benchmarks/inference.py [--batch 8] [--size 224] [--repeats 7] [--threads 2]
-        [--compile]
+        [--compile] [--default-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
 import time
 
 import torch
 import torchvision
-from common import parse_args
+from common import parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
@@ -63,15 +63,6 @@ def randomise_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
             m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=generator))
 
 
-def timed_forward(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
-    """Seconds and minor page faults (fresh memory pages touched) of one forward pass."""
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    start = time.perf_counter()
-    model(x)
-    seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
@@ -83,7 +74,7 @@ def main() -> None:
         action="store_true",
         help="also time torch.compile'd no-NAM and folded models (adds ~40 s of compiling)",
     )
-    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"))
+    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"), malloc_option=True)
     torch.manual_seed(0)
 
     plain = torchvision.models.resnet50(weights=None, num_classes=1000)
@@ -130,7 +121,8 @@ def main() -> None:
 
     print(
         f"resnet50, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
-        f"eval mode, inference_mode; median of {args.repeats} alternating forward passes"
+        f"eval mode, inference_mode; median of {args.repeats} alternating forward passes; "
+        f"allocator: {args.malloc}"
     )
     print(f"NAM sites: {len(sites)}; folded: {folded_count} (fold_nam took {fold_ms:.1f} ms)")
     reference = outputs["NAM, straightforward"]

@@ -27,10 +27,16 @@ Two ways to say how much of the FLOPs gain becomes speed (1.0: all of it):
   with ``round_to=8``);
 - ``speedup / FLOPs cut``: ``(1 / latency ratio) / (1 / FLOPs ratio)``, the stricter one.
 
+The process's allocator keeps freed memory first (``common.keep_freed_memory``): under glibc's
+defaults each pass faults its activations' pages back in, and that system time, which depends
+on the process's allocation history, moved the target configuration's deployed ratio between
+0.78 and 0.97 from one process to the next. The ``page faults`` column (median per pass) shows
+what is left; ``--default-malloc`` leaves the allocator as configured.
+
 Run from the repository root::
 
     python benchmarks/prune_resnet50.py [--batch 8] [--size 224] [--repeats 7] [--threads 2]
-        [--compile]
+        [--compile] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from typing import Any
 
 import torch
 import torchvision
-from common import parse_args
+from common import parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -59,12 +65,6 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [  # (label, prune_channels keyword 
 ]
 TARGET_CONFIG = 3  # flops_target=0.5, round_to=8
 TARGET = 0.85  # time saved / FLOPs saved
-
-
-def forward_seconds(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:
-    start = time.perf_counter()
-    model(x)
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def main() -> None:
         action="store_true",
         help="also time the deployed models under torch.compile with freezing (~40 s each)",
     )
-    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"))
+    args = parse_args(parser, positive=("batch", "size", "repeats", "threads"), malloc_option=True)
     torch.manual_seed(0)
 
     model = torchvision.models.resnet50(weights=None, num_classes=1000)
@@ -128,10 +128,11 @@ def main() -> None:
             runs[key, "compiled"] = (frozen, x_cl)
 
     seconds: dict[tuple[object, str], list[float]] = {key: [] for key in runs}
+    faults: dict[tuple[object, str], list[int]] = {key: [] for key in runs}
     compile_s = 0.0
     with torch.inference_mode():
         for key, (m, inp) in runs.items():
-            warm_up = forward_seconds(m, inp)  # and compiling
+            warm_up, _ = timed_forward(m, inp)  # and compiling
             if key[1] == "compiled":
                 compile_s += warm_up
         # All models take turns in every repetition, so a slow spell of the machine hits them
@@ -139,14 +140,17 @@ def main() -> None:
         for rep in range(args.repeats):
             for key in list(runs) if rep % 2 == 0 else list(reversed(runs)):
                 m, inp = runs[key]
-                seconds[key].append(forward_seconds(m, inp))
+                elapsed, fault_count = timed_forward(m, inp)
+                seconds[key].append(elapsed)
+                faults[key].append(fault_count)
     median = {key: statistics.median(times) for key, times in seconds.items()}
+    fault_median = {key: statistics.median(counts) for key, counts in faults.items()}
 
     print(
         f"resnet50 + NAM at {len(sites)} sites, random BatchNorm gammas, global |gamma|\n"
         f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, eval mode, batch "
         f"{args.batch} x 3 x {args.size} x {args.size}; latency: median of {args.repeats} "
-        "forward passes, the models taking turns"
+        f"forward passes, the models taking turns; allocator: {args.malloc}"
         + (f"; compiling took {compile_s:.0f} s" if args.compile else "")
         + "\n"
     )
@@ -179,6 +183,7 @@ def main() -> None:
                     str(kwargs["round_to"]),
                     form,
                     f"{original * 1e3:.0f} -> {latency * 1e3:.0f}",
+                    f"{fault_median['original', form]:.0f} -> {fault_median[i, form]:.0f}",
                     f"{latency_ratio:.3f}",
                     f"{saved_share[i, form]:.2f}",
                     f"{flops_ratio / latency_ratio:.2f}",
@@ -190,6 +195,7 @@ def main() -> None:
             "round_to",
             "form",
             "latency ms",
+            "page faults",
             "latency ratio",
             "time saved / FLOPs saved",
             "speedup / FLOPs cut",
