@@ -19,12 +19,21 @@ exporter and ``torch.compile`` take as they are.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .attention import NAMSite
-from .functional import _bn_gate_kernel, _gate_kernel, bn_affine, normalised_abs
+from .functional import (
+    BNState,
+    _bn_gate_kernel,
+    _bn_state,
+    _eval_nam_constants,
+    _eval_site_constants,
+    _gate_kernel,
+)
 from .inject import replace_modules
 
 
@@ -181,23 +190,23 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     reference = nam.channel.bn.running_mean
     assert reference is not None  # checked just above
 
-    # Constants are worked out in float64 (on the CPU, which every backend can copy to) and
-    # rounded once, so the folded model is as close to the exact maths as the unfolded one.
-    w = normalised_abs(_cpu64(nam.channel.bn.weight), _cpu64(nam.channel.pruned_mass))
-    a, b = _affine(nam.channel.bn)
-    gate_scale, gate_shift = w * a, w * b
+    # The constants of the unfolded eval path, worked out in float64 (on the CPU, which every
+    # backend can copy to) and rounded once, so the folded model is as close to the exact maths
+    # as the unfolded one.
+    removed = _cpu64(nam.channel.pruned_mass)
+    nam_state = _state64(nam.channel.bn)
     bn_scale = bn_shift = None
     module = site.module
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and _has_running_stats(module):
-        bn_scale, bn_shift = _affine(module)
-        gate_scale, gate_shift = gate_scale * bn_scale, gate_scale * bn_shift + gate_shift
+        constants = _eval_site_constants(removed, *_state64(module), *nam_state)
+        gate_scale, gate_shift, bn_scale, bn_shift = constants
+    else:
+        gate_scale, gate_shift = _eval_nam_constants(removed, *nam_state)
     pixel_scale = pixel_shift = None
     if nam.spatial is not None:
         _check_running_stats(f"{name}.nam.spatial.bn", nam.spatial.bn)
-        w_lambda = normalised_abs(_cpu64(nam.spatial.bn.weight), None)
-        a_p, b_p = _affine(nam.spatial.bn)
-        pixel_scale = (w_lambda * a_p).view(nam.spatial.size)
-        pixel_shift = (w_lambda * b_p).view(nam.spatial.size)
+        scale, shift = _eval_nam_constants(None, *_state64(nam.spatial.bn))
+        pixel_scale, pixel_shift = scale.view(nam.spatial.size), shift.view(nam.spatial.size)
 
     folded = FoldedNAM(
         gate_scale.to(reference),
@@ -210,12 +219,11 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     return folded if bn_scale is not None else nn.Sequential(module, folded).eval()
 
 
-def _affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``bn(x) == A * x + B`` per feature in eval mode; float64 on the CPU."""
-    assert bn.running_mean is not None and bn.running_var is not None
-    weight = None if bn.weight is None else _cpu64(bn.weight)
-    bias = None if bn.bias is None else _cpu64(bn.bias)
-    return bn_affine(_cpu64(bn.running_mean), _cpu64(bn.running_var), bn.eps, weight, bias)
+def _state64(bn: _BatchNorm) -> BNState:
+    """``bn``'s eval-mode state (running statistics, eps, weight, bias), float64 on the CPU."""
+    return cast(
+        BNState, tuple(_cpu64(t) if isinstance(t, torch.Tensor) else t for t in _bn_state(bn))
+    )
 
 
 def _cpu64(t: torch.Tensor) -> torch.Tensor:

@@ -387,9 +387,9 @@ def _bn_state(bn: nn.Module) -> BNState:
     return bn.running_mean, bn.running_var, bn.eps, weight, bias
 
 
-def _eval_nam_constants(removed: torch.Tensor, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
-    """``(a, b)`` of NAM on ``x`` in eval mode, ``x * sigmoid(a * x + b)``, from NAM's
-    BatchNorm (a BNState) and its ``pruned_mass``."""
+def _eval_nam_constants(removed: torch.Tensor | None, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
+    """``(a, b)`` of a NAM gate in eval mode, ``x * sigmoid(a * x + b)``, from its BatchNorm (a
+    BNState) and the ``pruned_mass`` of its weights (None for the spatial gate)."""
     scale, shift = bn_affine(*nam_bn)
     w = normalised_abs(nam_bn[3], removed)
     return w * scale, w * shift
