@@ -39,9 +39,16 @@ from torch import nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float32 for a bfloat16/float16 input (as PyTorch's
+    BatchNorm does under autocast), else the input's own."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean over (N, H, W), shaped (1, C, 1, 1)."""
-    return torch.var_mean(z, dim=(0, 2, 3), keepdim=True, correction=0)
+    """Biased variance and mean over (N, H, W), shaped (1, C, 1, 1), in the compute dtype (the
+    cast of a low-precision ``z`` fuses into the compiled reduction)."""
+    return torch.var_mean(z.to(_compute_dtype(z.dtype)), dim=(0, 2, 3), keepdim=True, correction=0)
 
 
 def _neg_log2e(t: torch.Tensor) -> torch.Tensor:
@@ -67,9 +74,10 @@ def _gate_parts(
 
 
 def _gate_forward(z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
-    """``(a * zh + b) * sigmoid(p * zh + q)``; ``coefficients = (mean, invstd, a, b, p, q)``."""
+    """``(a * zh + b) * sigmoid(p * zh + q)``; ``coefficients = (mean, invstd, a, b, p, q)``.
+    Computed in the coefficients' dtype (float32 for a low-precision ``z``), returned in z's."""
     _, x, s = _gate_parts(z, *coefficients)
-    return x * s
+    return (x * s).to(z.dtype)
 
 
 def _gate_sums(
@@ -77,7 +85,8 @@ def _gate_sums(
 ) -> tuple[torch.Tensor, ...]:
     """Backward pass 1: the gradient reaching ``zh`` and the per-channel sums that give the
     coefficients' gradients. Writing ``dzh`` here (one store) spares pass 2 the gate's
-    recomputation (an exp per element), which costs more on a CPU."""
+    recomputation (an exp per element), which costs more on a CPU. ``dzh`` takes dy's dtype (a
+    low-precision one halves that store); the sums stay in the compute dtype."""
     _, invstd, a, _, p, _ = coefficients
     zh, x, s = _gate_parts(z, *coefficients)
     dx = dy * s  # through the gated input
@@ -87,7 +96,7 @@ def _gate_sums(
     # zh's own gradient is a * dx + p * dt, so its sums follow from the four above
     dmean = -invstd * (a * db + p * dq)  # where mean appears in zh
     dinvstd = (a * da + p * dp) / invstd
-    return a * dx + p * dt, dmean, dinvstd, da, db, dp, dq
+    return (a * dx + p * dt).to(dy.dtype), dmean, dinvstd, da, db, dp, dq
 
 
 def _channel_sums(t: torch.Tensor) -> torch.Tensor:
@@ -253,16 +262,28 @@ def _plain_bn(bn: nn.Module) -> bool:
     return type(bn) is nn.BatchNorm2d or type(bn).__name__ == "_BatchNormXd"
 
 
+def _kernel_dtypes(x: torch.Tensor, bn: nn.Module) -> bool:
+    """A float32/float64 input, or a bfloat16/float16 one to a BatchNorm whose parameters and
+    statistics are float32 (mixed precision, autocast): the kernels then compute in float32 and
+    return x's dtype. A model cast to low precision as a whole takes the plain operators."""
+    if x.dtype in (torch.float32, torch.float64):
+        return True
+    state = (getattr(bn, name, None) for name in ("weight", "bias", "running_mean", "running_var"))
+    return x.dtype in (torch.bfloat16, torch.float16) and all(
+        t.dtype == torch.float32 for t in state if t is not None
+    )
+
+
 def lean_applies(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether the lean path reproduces ``bn`` exactly: a plain, affine BatchNorm normalising
-    with batch statistics (training mode), on a float32/float64 input. SyncBatchNorm needs its
-    cross-device statistics, and low-precision inputs its float32 accumulation: not covered."""
+    """Whether the lean path reproduces ``bn``: a plain, affine BatchNorm normalising with batch
+    statistics (training mode), on an input of a dtype the kernels take (:func:`_kernel_dtypes`).
+    SyncBatchNorm needs its cross-device statistics: not covered."""
     return (
         _plain_bn(bn)
         and bn.training
         and bool(bn.affine)
         and x.dim() == 4
-        and x.dtype in (torch.float32, torch.float64)
+        and _kernel_dtypes(x, bn)
         and torch.is_grad_enabled()
     )
 
@@ -328,15 +349,15 @@ def bn_nam_channel_gate(
 
 def eval_applies(x: torch.Tensor, bn: nn.Module) -> bool:
     """Whether ``bn`` is a BatchNorm normalising with its running statistics (eval mode) and
-    ``x`` a float32/float64 (N, C, H, W) input under no gradient: the case the eval kernels
-    compute exactly. Under autograd the plain operators run, so gradients stay PyTorch's."""
+    ``x`` an (N, C, H, W) input the kernels take (:func:`_kernel_dtypes`) under no gradient.
+    Under autograd the plain operators run, so gradients stay PyTorch's."""
     return (
         (_plain_bn(bn) or type(bn) is nn.SyncBatchNorm)
         and not bn.training
         and getattr(bn, "running_mean", None) is not None
         and getattr(bn, "running_var", None) is not None
         and x.dim() == 4
-        and x.dtype in (torch.float32, torch.float64)
+        and _kernel_dtypes(x, bn)
         and not torch.is_grad_enabled()
     )
 
@@ -418,22 +439,22 @@ def eval_bn_channel_gate(
     return _bn_gate_kernel(z, *constants)
 
 
-def _channels(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A per-channel ``(C,)`` vector shaped to broadcast over ``x`` and of its dtype."""
-    return t.to(x.dtype).view(1, -1, 1, 1)
+def _channels(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(C,)`` vector shaped to broadcast over (N, C, H, W). It keeps its dtype,
+    the BatchNorms': under mixed precision a bfloat16/float16 input promotes to its float32."""
+    return t.view(1, -1, 1, 1)
 
 
 def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``-log2(e) * (scale * x + shift)`` per channel, the argument of exp2 in the sigmoid (see
-    :func:`_neg_log2e`). The -log2(e) goes into the ``(C,)`` constants, in their own
-    precision, before they take ``x``'s dtype."""
-    shift, scale = _channels(_neg_log2e(shift), x), _channels(_neg_log2e(scale), x)
+    :func:`_neg_log2e`). The -log2(e) goes into the ``(C,)`` constants."""
+    shift, scale = _channels(_neg_log2e(shift)), _channels(_neg_log2e(scale))
     return torch.addcmul(shift, x, scale)
 
 
 def _gate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * sigmoid(scale * x + shift)`` per channel."""
-    return x / (1 + torch.exp2(_logit_base2(x, scale, shift)))
+    """``x * sigmoid(scale * x + shift)`` per channel, returned in x's dtype."""
+    return (x / (1 + torch.exp2(_logit_base2(x, scale, shift)))).to(x.dtype)
 
 
 def _bn_gate(
@@ -444,8 +465,8 @@ def _bn_gate(
     bn_shift: torch.Tensor,
 ) -> torch.Tensor:
     """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)`` per channel."""
-    bn = torch.addcmul(_channels(bn_shift, x), x, _channels(bn_scale, x))
-    return bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))
+    bn = torch.addcmul(_channels(bn_shift), x, _channels(bn_scale))
+    return (bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))).to(x.dtype)
 
 
 # One fused pass over memory each (compiled), as cheap as the BatchNorm a site replaces; eager
