@@ -65,7 +65,7 @@ class StraightforwardNAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         z = self.bn(x)
         gamma = self.bn.weight.detach().abs()
-        w = gamma / gamma.sum()  # (C,)
+        w = (gamma / gamma.sum()).to(z.dtype)  # (C,), in the dtype of z under autocast
         z = z.permute(0, 2, 3, 1) * w  # (N, H, W, C)
         z = z.permute(0, 3, 1, 2)  # (N, C, H, W)
         return torch.sigmoid(z) * x
