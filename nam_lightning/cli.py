@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _get_short_description
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .callback import NAMCallback
 from .checkpoint import load_checkpoint
@@ -99,7 +102,26 @@ class NAMLightningCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
 
+    @contextlib.contextmanager
+    def _usage_errors(self) -> Iterator[None]:
+        """An option refused while the command is set up (a class's own check, a missing
+        checkpoint, a run directory in use) ends like a mistyped one: usage, the message,
+        exit status 2, no traceback. ``JSONARGPARSE_DEBUG=true`` raises it instead."""
+        try:
+            yield
+        except (ValueError, TypeError, OSError, MisconfigurationException) as err:
+            parser = getattr(self, "_subcommand_parsers", {}).get(str(self.subcommand))
+            (parser or self.parser).error(str(err), err)
+
     def before_instantiate_classes(self) -> None:
+        with self._usage_errors():
+            self._prepare_config()
+
+    def instantiate_classes(self) -> None:
+        with self._usage_errors():
+            super().instantiate_classes()
+
+    def _prepare_config(self) -> None:
         config = self.config.get(str(self.subcommand), self.config)
         trainer = config["trainer"]
         pruning = config.get("pruning")
@@ -126,7 +148,8 @@ class NAMLightningCLI(LightningCLI):
         # Only once every option was accepted: a bad option leaves the run directory empty.
         if self.subcommand in PIPELINE_COMMANDS and not _is_launched_worker():
             config = self._config()
-            path = claim_run_dir(config["run_dir"], config.get("overwrite", False))
+            with self._usage_errors():
+                path = claim_run_dir(config["run_dir"], config.get("overwrite", False))
             self.parser.save(self.config, path, overwrite=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:

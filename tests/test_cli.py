@@ -8,10 +8,14 @@ limits here are 2, which Lightning turns into two batches.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import hashlib
 import importlib.util
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +70,18 @@ def cli(*args: str) -> None:
     """``nam-lightning *args``, in this process (pytest's own arguments hidden from it)."""
     with mock.patch.object(sys, "argv", ["nam-lightning"]):
         main(list(args))
+
+
+def usage_error(*args: str) -> str:
+    """``nam-lightning *args`` ends in a usage error (exit status 2, the usage, no traceback);
+    returns its message."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as info:
+        cli(*args)
+    text = stderr.getvalue()
+    assert info.value.code == 2, text
+    assert text.startswith("usage: nam-lightning") and "Traceback" not in text, text
+    return text.split("\nerror: ", 1)[1]
 
 
 def printed_config(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
@@ -275,8 +291,10 @@ def test_runs_in_two_directories_do_not_interfere(digits_run: Path, tmp_path: Pa
     second = tensors(torch.load(other / "finetuned.ckpt", weights_only=True)["state_dict"])
     assert any(not torch.equal(v, second[k]) for k, v in first.items() if k in second)
     # a third run into the first directory is refused and changes nothing there
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        cli("run", *TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1", f"--run_dir={digits_run}")
+    message = usage_error(
+        "run", *TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1", f"--run_dir={digits_run}"
+    )
+    assert "--overwrite" in message
     assert snapshot(digits_run) == before
 
 
@@ -504,16 +522,14 @@ def test_cifar_without_files_fails_clearly(tmp_path: Path) -> None:
     root.mkdir()
     # raised when the data module is built (before training); jsonargparse may quote it in a
     # ValueError ("Does not validate against any of the Union subtypes")
-    with pytest.raises((FileNotFoundError, ValueError)) as info:
-        cli(
-            "run",
-            *TINY,
-            "--data=nam_lightning.data.CIFARDataModule",
-            f"--data.root={root}",
-            "--data.num_workers=0",
-            f"--run_dir={run_dir}",
-        )
-    message = str(info.value)
+    message = usage_error(
+        "run",
+        *TINY,
+        "--data=nam_lightning.data.CIFARDataModule",
+        f"--data.root={root}",
+        "--data.num_workers=0",
+        f"--run_dir={run_dir}",
+    )
     assert str(root) in message and "cifar-10-batches-py" in message
     assert "--data.download=true" in message
     assert not run_dir.exists() and not files_under(root)
@@ -523,15 +539,13 @@ def test_missing_image_folder_fails_before_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # jsonargparse may wrap the data module's FileNotFoundError in a ValueError ("Does not
     # validate against any of the Union subtypes") that quotes it: the message is what counts
-    with pytest.raises((FileNotFoundError, ValueError)) as info:
-        cli(
-            "run",
-            *TINY,
-            "--data=nam_lightning.data.ImageFolderDataModule",
-            f"--data.root={tmp_path / 'nowhere'}",
-            f"--run_dir={run_dir}",
-        )
-    message = str(info.value)
+    message = usage_error(
+        "run",
+        *TINY,
+        "--data=nam_lightning.data.ImageFolderDataModule",
+        f"--data.root={tmp_path / 'nowhere'}",
+        f"--run_dir={run_dir}",
+    )
     assert "must hold the folders 'train' and 'val'" in message
     assert str(tmp_path / "nowhere") in message
     assert not run_dir.exists()  # not even an empty directory
@@ -573,9 +587,7 @@ def test_unknown_model(command: str, tmp_path: Path) -> None:
         if command == "run"
         else f"--trainer.default_root_dir={tmp_path / 'run'}"
     )
-    with pytest.raises(ValueError) as info:
-        cli(command, *TINY, "--model.backbone=not_a_model", where)
-    message = str(info.value)
+    message = usage_error(command, *TINY, "--model.backbone=not_a_model", where)
     assert "not_a_model" in message
     for valid in ("small_resnet", "resnet18", "mobilenet_v2"):
         assert valid in message
@@ -597,41 +609,39 @@ def test_unknown_model(command: str, tmp_path: Path) -> None:
 )
 def test_impossible_pruning_target(options: list[str], names: list[str], tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with pytest.raises(ValueError) as info:
-        cli("run", *TINY, *options, f"--run_dir={run_dir}")
+    message = usage_error("run", *TINY, *options, f"--run_dir={run_dir}")
     for name in names:
-        assert name in str(info.value)
+        assert name in message
     assert not run_dir.exists()  # not even an empty directory
 
 
 def test_impossible_pruning_target_for_prune(fit_checkpoint: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    with pytest.raises(ValueError, match="`flops_target`"):
-        cli(
-            "prune",
-            *TINY,
-            "--pruning.flops_target=1.5",
-            f"--ckpt_path={fit_checkpoint}",
-            f"--run_dir={run_dir}",
-        )
+    message = usage_error(
+        "prune",
+        *TINY,
+        "--pruning.flops_target=1.5",
+        f"--ckpt_path={fit_checkpoint}",
+        f"--run_dir={run_dir}",
+    )
+    assert "`flops_target`" in message
     assert not run_dir.exists()  # not even an empty directory
 
 
 @pytest.mark.parametrize(
-    ("command", "options", "error", "match"),
+    ("command", "options", "match"),
     [
-        ("run", ["--finetune_epochs=0"], ValueError, "--finetune_epochs must be a positive int"),
-        ("run", ["--finetune_epochs=-1"], ValueError, "got -1"),
-        ("prune", ["--ckpt_path=missing.ckpt"], FileNotFoundError, "--ckpt_path missing.ckpt"),
-        ("finetune", ["--ckpt_path=missing.ckpt"], FileNotFoundError, "no such file"),
+        ("run", ["--finetune_epochs=0"], "--finetune_epochs must be a positive int"),
+        ("run", ["--finetune_epochs=-1"], "got -1"),
+        ("prune", ["--ckpt_path=missing.ckpt"], "--ckpt_path missing.ckpt"),
+        ("finetune", ["--ckpt_path=missing.ckpt"], "no such file"),
     ],
 )
 def test_bad_stage_option_fails_before_the_run_dir_is_made(
-    command: str, options: list[str], error: type[Exception], match: str, tmp_path: Path
+    command: str, options: list[str], match: str, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    with pytest.raises(error, match=match):
-        cli(command, *TINY, *options, f"--run_dir={run_dir}")
+    assert match in usage_error(command, *TINY, *options, f"--run_dir={run_dir}")
     assert not run_dir.exists()
 
 
@@ -649,9 +659,7 @@ def test_bad_nam_option(command: str, options: list[str], name: str, tmp_path: P
         if command == "run"
         else f"--trainer.default_root_dir={tmp_path / 'run'}"
     )
-    with pytest.raises(ValueError) as info:
-        cli(command, *TINY, *options, where)
-    assert name in str(info.value)
+    assert name in usage_error(command, *TINY, *options, where)
     assert not (tmp_path / "run").exists()
 
 
@@ -666,16 +674,10 @@ def test_bad_nam_option(command: str, options: list[str], name: str, tmp_path: P
         ("--pruning.amount=lots", "pruning.amount"),
     ],
 )
-def test_badly_typed_option_is_a_usage_error(
-    option: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_badly_typed_option_is_a_usage_error(option: str, key: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        cli("run", *TINY, option, f"--run_dir={run_dir}")
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert key in err and option.split("=")[1] in err
+    message = usage_error("run", *TINY, option, f"--run_dir={run_dir}")
+    assert key in message and option.split("=")[1] in message
     assert not run_dir.exists()
 
 
@@ -688,17 +690,16 @@ def test_existing_run_dir_needs_overwrite(
     (run_dir / "report.json").write_text("{}")
     before = snapshot(run_dir)
     extra = [] if command == "run" else [f"--ckpt_path={fit_checkpoint}"]
-    with pytest.raises(FileExistsError) as info:
-        cli(command, *TINY, *extra, f"--run_dir={run_dir}")
-    assert str(run_dir) in str(info.value) and "--overwrite" in str(info.value)
+    message = usage_error(command, *TINY, *extra, f"--run_dir={run_dir}")
+    assert str(run_dir) in message and "--overwrite" in message
     assert snapshot(run_dir) == before
 
 
 def test_run_dir_that_is_a_file_is_refused_untouched(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.write_text("not a directory\n")
-    with pytest.raises(NotADirectoryError, match=r"--run_dir .*a file is in the way"):
-        cli("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    message = usage_error("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    assert re.search(r"--run_dir .*a file is in the way", message)
     assert run_dir.read_text() == "not a directory\n"
 
 
@@ -716,11 +717,9 @@ def test_run_that_loses_the_race_for_a_new_run_dir_writes_nothing(tmp_path: Path
         (Path(path) / "config.yaml").write_text("the other run\n")
         return checked
 
-    with (
-        mock.patch("nam_lightning.cli.check_run_dir", check_then_lose_the_race),
-        pytest.raises(FileExistsError, match="--overwrite"),
-    ):
-        cli("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    with mock.patch("nam_lightning.cli.check_run_dir", check_then_lose_the_race):
+        message = usage_error("run", *TINY, *DIGITS, *AMOUNT, f"--run_dir={run_dir}")
+    assert "--overwrite" in message
     assert [p.name for p in run_dir.iterdir()] == ["config.yaml"]
     assert (run_dir / "config.yaml").read_text() == "the other run\n"
 
@@ -790,3 +789,13 @@ def test_run_with_two_ddp_processes_writes_the_same_artifacts(tmp_path: Path) ->
     assert [s["name"] for s in report["stages"]] == STAGES
     assert report["stages"][1]["flops"] < report["stages"][0]["flops"]
     assert not list(tmp_path.glob("runs"))  # both ranks wrote to the one run directory
+
+
+def test_debug_mode_raises_the_refused_option_with_its_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JSONARGPARSE_DEBUG", "true")
+    with pytest.raises(argparse.ArgumentError, match="`lambda_` must be") as info:
+        cli("run", *TINY, "--nam.lambda_=-1", f"--run_dir={tmp_path / 'run'}")
+    assert isinstance(info.value.__cause__, ValueError)
+    assert not (tmp_path / "run").exists()
