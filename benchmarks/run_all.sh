@@ -4,10 +4,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-scripts=(penalty_step.py prune_resnet50.py train_step.py soak.py)
-if [[ -f benchmarks/inference.py ]]; then
-    scripts+=(inference.py)
-fi
+# the CPU benchmarks; gpu.py needs a CUDA GPU and runs on its own
+scripts=(penalty_step.py prune_resnet50.py train_step.py inference.py soak.py)
 for script in "${scripts[@]}"; do
     echo
     echo "================================================================"
