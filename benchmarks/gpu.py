@@ -77,9 +77,17 @@ def take_turns(
     return seconds
 
 
-def paired(seconds: list[float], base: list[float]) -> float:
-    """Median over repetitions of the time / the baseline's in the same repetition."""
-    return statistics.median(a / b for a, b in zip(seconds, base, strict=True))
+def timing_columns(seconds: list[float], base: list[float], batch: int) -> tuple[str, ...]:
+    """ms, images/s, ratio to the baseline's median and paired ratio (median over repetitions
+    of the time / the baseline's in the same repetition)."""
+    median = statistics.median(seconds)
+    paired = statistics.median(a / b for a, b in zip(seconds, base, strict=True))
+    return (
+        f"{median * 1e3:.1f}",
+        f"{batch / median:.0f}",
+        f"{median / statistics.median(base):.3f}",
+        f"{paired:.3f}",
+    )
 
 
 def training(args: argparse.Namespace, base: nn.Module, device: torch.device) -> float:
@@ -118,22 +126,16 @@ def training(args: argparse.Namespace, base: nn.Module, device: torch.device) ->
         else:
             peak[key] = "-"
     seconds = take_turns(steps, args.reps, args.warmup, device)
-    base_s = statistics.median(seconds["no NAM"])
-    rows = []
-    for key, times in seconds.items():
-        median = statistics.median(times)
-        rows.append(
-            (
-                key,
-                f"{median * 1e3:.1f}",
-                f"{args.batch / median:.0f}",
-                f"{median / base_s:.3f}",
-                f"{paired(times, seconds['no NAM']):.3f}",
-                f"{saved[key] / MiB:.0f}",
-                f"{(saved[key] - saved['no NAM']) / MiB:+.0f}",
-                peak[key],
-            )
+    rows = [
+        (
+            key,
+            *timing_columns(times, seconds["no NAM"], args.batch),
+            f"{saved[key] / MiB:.0f}",
+            f"{(saved[key] - saved['no NAM']) / MiB:+.0f}",
+            peak[key],
         )
+        for key, times in seconds.items()
+    ]
     print(f"\n== training step: batch {args.batch}, {args.reps} repetitions ==")
     print_table(
         (
@@ -148,7 +150,7 @@ def training(args: argparse.Namespace, base: nn.Module, device: torch.device) ->
         ),
         rows,
     )
-    return statistics.median(seconds["ours"]) / base_s
+    return statistics.median(seconds["ours"]) / statistics.median(seconds["no NAM"])
 
 
 def inference(args: argparse.Namespace, base: nn.Module, device: torch.device) -> None:
@@ -174,22 +176,15 @@ def inference(args: argparse.Namespace, base: nn.Module, device: torch.device) -
 
         passes[key] = forward
     seconds = take_turns(passes, args.reps, args.warmup, device)
-    base_s = statistics.median(seconds["no NAM"])
     reference = outputs["straightforward"].float()
-    rows = []
-    for key, times in seconds.items():
-        median = statistics.median(times)
-        diff = "-" if key == "no NAM" else f"{(outputs[key].float() - reference).abs().max():.1e}"
-        rows.append(
-            (
-                key,
-                f"{median * 1e3:.1f}",
-                f"{args.batch / median:.0f}",
-                f"{median / base_s:.3f}",
-                f"{paired(times, seconds['no NAM']):.3f}",
-                diff,
-            )
+    rows = [
+        (
+            key,
+            *timing_columns(times, seconds["no NAM"], args.batch),
+            "-" if key == "no NAM" else f"{(outputs[key].float() - reference).abs().max():.1e}",
         )
+        for key, times in seconds.items()
+    ]
     print(f"\n== inference: batch {args.batch}, {args.reps} repetitions ==")
     print_table(
         ("variant", "ms", "images/s", "x no NAM", "paired x", "max |logits - straightforward|"),
