@@ -24,6 +24,10 @@ unfused formula; running statistics are updated as ``nn.BatchNorm2d`` does.
 In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
 running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval
 section below; :func:`nam_lightning.fold_nam` bakes the same constants into buffers).
+
+Under mixed precision (autocast: a bfloat16/float16 feature map, float32 BatchNorms) every
+kernel reads the low-precision map, computes in float32 and writes the map's dtype, so each
+output is rounded once; the statistics and per-channel values stay float32.
 """
 
 from __future__ import annotations
