@@ -7,6 +7,8 @@ order alternating; times are medians of synchronised wall-clock times):
   NAM of ``train_step.py``, and nam_lightning's (``inject_nam``, with ``NAMCallback``'s L1
   penalty step inside the timed step): ms, images/s, ratio to no NAM, the memory one forward
   pass saves for backward and the peak memory of a step;
+- one site per stage alone (forward and backward): BatchNorm, BatchNorm + straightforward
+  NAM, ours, to show where the training step's overhead comes from;
 - inference (eval, inference mode, autocast bf16, channels_last): no NAM, straightforward,
   ours, ours after ``fold_nam``;
 - pruning: ours with random BatchNorm gammas pruned to half the FLOPs (``round_to`` None and 8):
@@ -37,9 +39,14 @@ import torchvision
 from common import parse_args
 from prune_resnet50 import print_table, randomise_gammas
 from torch import nn
-from train_step import add_straightforward_nam, build_resnet50, saved_for_backward
+from train_step import (
+    StraightforwardNAM,
+    add_straightforward_nam,
+    build_resnet50,
+    saved_for_backward,
+)
 
-from nam_lightning import NAMCallback, fold_nam, inject_nam, prune_channels
+from nam_lightning import NAM, NAMCallback, NAMSite, fold_nam, inject_nam, prune_channels
 
 MiB = 2**20
 STEP_RATIO_GOAL = 1.05  # ours / no NAM per training step, resnet50 bf16 channels_last
@@ -192,6 +199,48 @@ def inference(args: argparse.Namespace, base: nn.Module, device: torch.device) -
     )
 
 
+def sites(args: argparse.Namespace, device: torch.device) -> None:
+    """One site per stage alone, forward and backward in training mode: resnet50's last
+    BatchNorm of a block (what the site replaces), that BatchNorm followed by the
+    straightforward NAM, and ours (one fused step): where the step's overhead comes from.
+    Each call is synchronised, so the host's time to launch the kernels counts in full here
+    (ours launches more: ~0.7 ms per site forward and backward on a 2-core CPU), while in a
+    network step it runs ahead of the GPU's work."""
+    rows = []
+    for stage, channels in enumerate((256, 512, 1024, 2048), start=1):
+        side = args.size // 2 ** (stage + 1)  # 56, 28, 14, 7 at 224 px
+        shape = (args.batch, channels, side, side)
+        z = torch.randn(shape, device=device, dtype=torch.bfloat16)
+        z = z.contiguous(memory_format=torch.channels_last).requires_grad_()
+        dy = torch.randn_like(z)
+        bn = nn.BatchNorm2d(channels)
+        variants = {
+            "BatchNorm": bn,
+            "straightforward": nn.Sequential(copy.deepcopy(bn), StraightforwardNAM(channels)),
+            "ours": NAMSite(copy.deepcopy(bn), NAM(channels)),
+        }
+        passes = {}
+        for key, module in variants.items():
+            module.to(device).train()
+
+            def forward_backward(
+                module: nn.Module = module, z: torch.Tensor = z, dy: torch.Tensor = dy
+            ) -> None:
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    y = module(z)
+                # the input's and the parameters' gradients, as in a network, but returned
+                # rather than accumulated into .grad (an extra pass that no network makes)
+                torch.autograd.grad(y, [z, *module.parameters()], dy)
+
+            passes[key] = forward_backward
+        seconds = take_turns(passes, args.reps, args.warmup, device)
+        for key, times in seconds.items():
+            ms, _, ratio, paired = timing_columns(times, seconds["BatchNorm"], args.batch)
+            rows.append((f"{stage}", "x".join(map(str, shape[1:])), key, ms, ratio, paired))
+    print(f"\n== one site, forward + backward, batch {args.batch}, {args.reps} repetitions ==")
+    print_table(("stage", "C x H x W", "variant", "ms", "x BatchNorm", "paired x"), rows)
+
+
 def pruning(args: argparse.Namespace, base: nn.Module, device: torch.device) -> None:
     model = copy.deepcopy(base)
     inject_nam(model)
@@ -281,6 +330,7 @@ def main() -> None:
     base = build_resnet50()
     start = time.perf_counter()
     ratio = training(args, base, device)
+    sites(args, device)
     inference(args, base, device)
     if not args.no_prune:
         pruning(args, base, device)
