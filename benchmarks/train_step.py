@@ -21,8 +21,8 @@ underlying storage.
 
 Run from the repository root::
 
-    python benchmarks/train_step.py [--model resnet50|cifar_resnet18|all] [--reps 10]
-                                    [--warmup 2] [--threads 2] [--quick]
+    python benchmarks/train_step.py [--model resnet50|cifar_resnet18|small_resnet|all]
+                                    [--reps 10] [--warmup 2] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from torchvision.models import resnet
 
 from nam_lightning import inject_nam
 from nam_lightning.callback import NAMCallback
+from nam_lightning.models import small_resnet
 
 MiB = 2**20
 PENALTY = 1e-4
@@ -100,6 +101,8 @@ def build_cifar_resnet18() -> nn.Module:
 MODELS: dict[str, tuple[Callable[[], nn.Module], int, int, int]] = {
     "resnet50": (build_resnet50, 8, 224, 1000),
     "cifar_resnet18": (build_cifar_resnet18, 128, 32, 100),
+    # the command line's default job: digits-sized maps, where NAM's fixed cost per call shows
+    "small_resnet": (lambda: small_resnet(10), 64, 8, 10),
 }
 
 

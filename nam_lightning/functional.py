@@ -17,9 +17,12 @@ saving only its input ``z``, and recomputes the cheap rest in backward. It cover
   one elementwise pass serve both BatchNorms, and only ``z`` (which the first BatchNorm keeps
   anyway) is saved.
 
-The per-channel coefficients are computed with ordinary autograd ops (cheap, ``C`` values), so
-gradients reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in the
-unfused formula; running statistics are updated as ``nn.BatchNorm2d`` does.
+The per-channel coefficients (``C`` values) are computed inside the statistics kernel, and
+their derivatives, written out by the chain rule, inside the first backward kernel: gradients
+reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in the unfused
+formula, and a site makes four compiled calls and no small eager operators (those cost more
+than the arithmetic on small feature maps). Running statistics are updated as
+``nn.BatchNorm2d`` does.
 
 In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
 running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval
@@ -36,6 +39,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -194,46 +198,123 @@ class _Kernel:
             return result
 
 
-_moments_kernel = _Kernel(_moments)  # eager var_mean over (N, H, W) is ~10x slower on CPU
+def _lean_statistics(
+    z: torch.Tensor, w: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, ...]:
+    """NAM on its own input: the batch statistics of ``x = z`` and the gate's coefficients.
+    NAM's BatchNorm normalises x, so ``x = zh / invstd + mean``. Returns ``(mean, var, the
+    variance NAM's BatchNorm sees, invstd, a, b, p, q)``."""
+    var, mean = _moments(z)
+    invstd = torch.rsqrt(var + eps)
+    return mean, var, var, invstd, 1 / invstd, mean, _view(w * g), _view(w * beta)
+
+
+def _lean_backward(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    *args: Any,
+) -> tuple[torch.Tensor, ...]:
+    """Backward pass 1 of :func:`_lean_statistics`'s gate: ``dzh``, the gradients reaching
+    ``mean`` and ``var`` and those of ``(w, g, beta)``, by the chain rule through
+    ``invstd = rsqrt(var + eps)``, ``a = 1 / invstd``, ``b = mean``, ``p = w g``, ``q = w beta``."""
+    invstd, a, b, p, q, w, g, beta, _ = args
+    dzh, dmean, dinvstd, da, db, dp, dq = _gate_sums(dy, z, mean, invstd, a, b, p, q)
+    dvar = -0.5 * invstd**3 * dinvstd + 0.5 * invstd * da
+    w, g, beta = _view(w), _view(g), _view(beta)
+    dparams = (dp * g + dq * beta, dp * w, dq * w)  # w, g, beta
+    return dzh, dmean + db, dvar, *(d.flatten() for d in dparams)
+
+
+def _fused_statistics(
+    z: torch.Tensor,
+    w: torch.Tensor,
+    g1: torch.Tensor,
+    b1: torch.Tensor,
+    g2: torch.Tensor,
+    b2: torch.Tensor,
+    eps1: float,
+    eps2: float,
+) -> tuple[torch.Tensor, ...]:
+    """NAM after a BatchNorm ``x = g1 * zh + b1``: the batch statistics of its input ``z``,
+    the variance NAM's BatchNorm sees (``var_x = g1^2 var / (var + eps1)``; its mean is
+    ``b1``) and the gate's coefficients ``(invstd, a, b, p, q)``."""
+    var, mean = _moments(z)
+    g1v = _view(g1)
+    var_x = g1v * g1v * (var / (var + eps1))
+    p = _view(w * g2) * g1v * torch.rsqrt(var_x + eps2)
+    return mean, var, var_x, torch.rsqrt(var + eps1), g1v, _view(b1), p, _view(w * b2)
+
+
+def _fused_backward(
+    dy: torch.Tensor,
+    z: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    *args: Any,
+) -> tuple[torch.Tensor, ...]:
+    """Backward pass 1 of :func:`_fused_statistics`'s gate: ``dzh``, the gradients reaching
+    ``mean`` and ``var`` and those of ``(w, g1, b1, g2, b2)``, by the chain rule through
+    ``invstd = rsqrt(var + eps1)``, ``a = g1``, ``b = b1``, ``q = w b2`` and
+    ``p = w g2 g1 rsqrt(var_x + eps2)`` with ``var_x = g1^2 s``, ``s = var / (var + eps1)``."""
+    invstd, a, b, p, q, w, g1, _, g2, b2, eps1, eps2 = args
+    dzh, dmean, dinvstd, da, db, dp, dq = _gate_sums(dy, z, mean, invstd, a, b, p, q)
+    g1, w, g2, b2 = _view(g1), _view(w), _view(g2), _view(b2)
+    s = var / (var + eps1)
+    r = torch.rsqrt(g1 * g1 * s + eps2)
+    dp_dvar_x = -0.5 * w * g2 * g1 * r * r * r
+    dvar_x_dvar = g1 * g1 * eps1 * invstd**4  # d s / d var = eps1 / (var + eps1)^2
+    dvar = -0.5 * invstd**3 * dinvstd + dp * dp_dvar_x * dvar_x_dvar
+    dg1 = da + dp * (w * g2 * r + dp_dvar_x * 2 * g1 * s)
+    dw = dp * g2 * g1 * r + dq * b2
+    dparams = (dw, dg1, db, dp * w * g1 * r, dq * w)  # w, g1, b1, g2, b2
+    return dzh, dmean, dvar, *(d.flatten() for d in dparams)
+
+
+@dataclass(frozen=True)
+class _Site:
+    """A kind of training-mode gate for :class:`_NormalizedGate`: its statistics kernel
+    ``(z, *params, *eps) -> (mean, var, NAM's var, invstd, a, b, p, q)`` and its first
+    backward kernel ``(dy, z, mean, var, invstd, a, b, p, q, *params, *eps) -> (dzh, dmean,
+    dvar, *dparams)``."""
+
+    statistics: _Kernel
+    backward: _Kernel
+
+
+_LEAN = _Site(_Kernel(_lean_statistics), _Kernel(_lean_backward))
+_FUSED = _Site(_Kernel(_fused_statistics), _Kernel(_fused_backward))
 _forward_kernel = _Kernel(_gate_forward)
-_sums_kernel = _Kernel(_gate_sums)
 _input_grad_kernel = _Kernel(_gate_input_grad)
-
-
-Coefficients = Callable[..., tuple[torch.Tensor, ...]]
 
 
 class _NormalizedGate(torch.autograd.Function):
     """``y = (a * zh + b) * sigmoid(p * zh + q)`` with ``zh = (z - mean) * invstd`` over the
-    batch statistics of ``z``, and ``(invstd, a, b, p, q) = coefficients(mean, var, *params)``
-    per channel. Two passes over ``z`` forward (statistics, gate) and two backward (sums,
-    input gradient), like a BatchNorm; saves ``z`` and per-channel vectors only.
-    """
+    batch statistics of ``z`` and per-channel coefficients ``(invstd, a, b, p, q)`` computed
+    from them and ``params`` by ``site``. Two passes over ``z`` forward (statistics, gate) and
+    two backward (sums, input gradient), like a BatchNorm; saves ``z`` and per-channel vectors
+    only. Each kernel computes its per-channel values too: no small eager operators, no
+    autograd graph of its own."""
 
     @staticmethod
     def forward(
-        ctx: Any, z: torch.Tensor, coefficients: Coefficients, *params: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        var, mean = _moments_kernel(z)
-        with torch.enable_grad():  # a tiny graph over C values, replayed in backward
-            leaves = [t.detach().requires_grad_() for t in (mean, var, *params)]
-            coeffs = coefficients(*leaves)
-        ctx.graph = (leaves, coeffs)
-        ctx.save_for_backward(z, mean, *(c.detach() for c in coeffs))
-        ctx.mark_non_differentiable(mean, var)
-        y = _forward_kernel(z, mean, *(c.detach() for c in coeffs))
-        return y, mean, var
+        ctx: Any, z: torch.Tensor, site: _Site, eps: tuple[float, ...], *params: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # detached: torch.compile fixes the shapes of Parameters, one compiled kernel per width
+        params = tuple(t.detach() for t in params)
+        mean, var, nam_var, *coefficients = site.statistics(z, *params, *eps)
+        ctx.site, ctx.eps = site, eps
+        ctx.save_for_backward(z, mean, var, *coefficients, *params)
+        ctx.mark_non_differentiable(mean, var, nam_var)
+        return _forward_kernel(z, mean, *coefficients[:5]), mean, var, nam_var
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        z, mean, invstd, a, b, p, q = ctx.saved_tensors
-        leaves, coeffs = ctx.graph
-        dzh, dmean_direct, *dcoeffs = _sums_kernel(dy, z, mean, invstd, a, b, p, q)
-        grads = torch.autograd.grad(coeffs, leaves, dcoeffs, allow_unused=True)
-        dmean = dmean_direct if grads[0] is None else dmean_direct + grads[0]
-        dvar = torch.zeros_like(mean) if grads[1] is None else grads[1]
-        dz = _input_grad_kernel(dzh, z, mean, invstd, dmean, dvar)
-        return (dz, None, *grads[2:])
+        z, mean, var, *rest = ctx.saved_tensors
+        dzh, dmean, dvar, *dparams = ctx.site.backward(dy, z, mean, var, *rest, *ctx.eps)
+        dz = _input_grad_kernel(dzh, z, mean, rest[0], dmean, dvar)
+        return (dz, None, None, *dparams)
 
 
 def _update_running_stats(
@@ -299,14 +380,8 @@ def fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bool:
 
 def nam_channel_gate(x: torch.Tensor, nam_bn: nn.BatchNorm2d, w: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(w * nam_bn(x))`` in training mode, saving only ``x``."""
-
-    def coefficients(
-        mean: torch.Tensor, var: torch.Tensor, w: torch.Tensor, g: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        invstd = torch.rsqrt(var + nam_bn.eps)
-        return invstd, 1 / invstd, mean, _view(w * g), _view(w * b)  # x = zh / invstd + mean
-
-    y, mean, var = _NormalizedGate.apply(x, coefficients, w, nam_bn.weight, nam_bn.bias)
+    params = (w, nam_bn.weight, nam_bn.bias)
+    y, mean, var, _ = _NormalizedGate.apply(x, _LEAN, (nam_bn.eps,), *params)
     _update_running_stats(nam_bn, mean, var, x.numel() // x.shape[1])
     return y
 
@@ -317,27 +392,9 @@ def bn_nam_channel_gate(
     """``x * sigmoid(w * nam_bn(x))`` with ``x = bn(z)``, both BatchNorms in training mode,
     in one statistics pass and one elementwise pass over ``z``."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-
-    def coefficients(
-        mean: torch.Tensor,
-        var: torch.Tensor,
-        w: torch.Tensor,
-        g1: torch.Tensor,
-        b1: torch.Tensor,
-        g2: torch.Tensor,
-        b2: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        g1, b1 = _view(g1), _view(b1)
-        var_x = g1 * g1 * (var / (var + bn.eps))  # the variance NAM's BatchNorm sees
-        p = _view(w * g2) * g1 * torch.rsqrt(var_x + nam_bn.eps)
-        return torch.rsqrt(var + bn.eps), g1, b1, p, _view(w * b2)
-
     params = (w, bn.weight, bn.bias, nam_bn.weight, nam_bn.bias)
-    y, mean, var = _NormalizedGate.apply(z, coefficients, *params)
+    y, mean, var, var_x = _NormalizedGate.apply(z, _FUSED, (bn.eps, nam_bn.eps), *params)
     count = z.numel() // z.shape[1]
-    with torch.no_grad():
-        g1 = _view(bn.weight)
-        var_x = g1 * g1 * (var / (var + bn.eps))
     _update_running_stats(bn, mean, var, count)
     _update_running_stats(nam_bn, _view(bn.bias.detach()), var_x, count)  # NAM's mean: beta1
     return y

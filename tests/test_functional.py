@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from nam_lightning import NAM, NAMSite
-from nam_lightning.functional import _gate_forward, _gate_input_grad, _gate_sums, _Kernel
+from nam_lightning.functional import _gate_forward, _gate_input_grad, _Kernel
 
 DT = torch.float64
 
@@ -143,19 +143,24 @@ def test_other_cases_take_the_plain_path(case: str) -> None:
         torch.testing.assert_close(s(x), reference(ref.module, ref.nam, x))
 
 
-def test_compiled_kernels_equal_the_eager_math() -> None:
-    from nam_lightning.functional import _forward_kernel, _input_grad_kernel, _sums_kernel
+@pytest.mark.parametrize("kind", ["lean", "fused"])
+def test_compiled_kernels_equal_the_eager_math(kind: str) -> None:
+    from nam_lightning.functional import _FUSED, _LEAN, _forward_kernel, _input_grad_kernel
 
+    site, n_params, eps = (_LEAN, 3, (1e-5,)) if kind == "lean" else (_FUSED, 5, (1e-5, 1e-3))
     z = torch.randn(4, 6, 5, 7)
-    coefficients = [torch.randn(1, 6, 1, 1) for _ in range(6)]
-    coefficients[1] = coefficients[1].abs() + 0.5  # invstd > 0
-    dy, dmean, dvar = torch.randn_like(z), torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1)
-    torch.testing.assert_close(_forward_kernel(z, *coefficients), _gate_forward(z, *coefficients))
-    for a, b in zip(
-        _sums_kernel(dy, z, *coefficients), _gate_sums(dy, z, *coefficients), strict=True
-    ):
+    params = [torch.randn(6) for _ in range(n_params)]
+    statistics = site.statistics(z, *params, *eps)
+    for a, b in zip(statistics, site.statistics.fn(z, *params, *eps), strict=True):
+        torch.testing.assert_close(a, b)
+    mean, var, _, *coefficients = statistics
+    gate = (mean, *coefficients)
+    torch.testing.assert_close(_forward_kernel(z, *gate), _gate_forward(z, *gate))
+    dy = torch.randn_like(z)
+    args = (dy, z, mean, var, *coefficients, *params, *eps)
+    for a, b in zip(site.backward(*args), site.backward.fn(*args), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    mean, invstd = coefficients[:2]
+    invstd, dmean, dvar = coefficients[0], torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1)
     count = z.numel() // z.shape[1]
     expected = dy * invstd + dmean / count + dvar * (2 / count) * (z - mean)
     for fn in (_input_grad_kernel, _gate_input_grad):
