@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -208,3 +209,30 @@ def test_fuse_flag_travels_through_injection_and_the_record() -> None:
     inject_nam(model, fuse=False)
     assert all(spec["fuse"] is False for spec in nam_sites(model).values())
     assert not any(m.fuse for m in model.modules() if isinstance(m, NAMSite))
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+def test_a_compiled_model_trains_as_the_eager_one() -> None:
+    """Under ``torch.compile(model)`` (``ImageClassifier(compile=True)``) the sites' autograd
+    function is traced into the model's graph: same loss, gradients and running statistics."""
+    from nam_lightning import inject_nam
+    from nam_lightning.models import small_resnet
+
+    torch.manual_seed(0)
+    eager = small_resnet(10, in_channels=1)
+    inject_nam(eager)
+    traced = copy.deepcopy(eager)
+    compiled = torch.compile(traced)
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for _ in range(2):  # the running statistics move between the steps
+        losses = [nn.functional.cross_entropy(m(x), y) for m in (eager, compiled)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(eager.named_parameters(), traced.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(eager.named_buffers(), traced.buffers(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
