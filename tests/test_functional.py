@@ -79,6 +79,25 @@ def test_paths_equal_the_formula(
     assert int(ours.module.num_batches_tracked) == int(ours.nam.channel.bn.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "lean"])
+def test_channels_last_input_equals_the_formula(fuse: bool) -> None:
+    ours = site(detach=False)
+    ours.fuse = fuse
+    ref = copy.deepcopy(ours)
+    x = torch.randn(4, 6, 5, 7, dtype=DT).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y, y_ref = ours(x), reference(ref.module, ref.nam, x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    for g, r in zip(
+        torch.autograd.grad(y, [x, *ours.parameters()], dy),
+        torch.autograd.grad(y_ref, [x, *ref.parameters()], dy),
+        strict=True,
+    ):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
 def test_nam_on_its_own_uses_the_lean_path_exactly() -> None:
     nam = NAM(6, detach_weights=False).to(DT).train()
     with torch.no_grad():
