@@ -197,6 +197,7 @@ def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> No
 
         return run
 
+    monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
     monkeypatch.setattr(torch, "compile", broken_compile)
     kernel = _Kernel(_gate_forward)
     z, coefficients = torch.randn(2, 3, 4, 4), [torch.rand(1, 3, 1, 1) + 0.5 for _ in range(6)]
@@ -210,6 +211,7 @@ def test_kernel_input_errors_propagate_and_keep_it_compiled(monkeypatch) -> None
     def checking_compile(fn, **kwargs):  # fails where the eager function fails, like Inductor
         return fn
 
+    monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
     monkeypatch.setattr(torch, "compile", checking_compile)
     kernel = _Kernel(_gate_forward)
     bad = [torch.rand(1, 5, 1, 1) for _ in range(6)]  # 5 channels for a 3-channel input
