@@ -53,6 +53,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _view(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel ``(C,)`` vector shaped to broadcast over (N, C, H, W). It keeps its dtype,
+    the BatchNorms': under mixed precision a bfloat16/float16 input promotes to its float32."""
+    return t.view(1, -1, 1, 1)
+
+
 def _moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased variance and mean over (N, H, W), shaped (1, C, 1, 1), in the compute dtype (the
     cast of a low-precision ``z`` fuses into the compiled reduction)."""
@@ -307,11 +313,11 @@ class _NormalizedGate(torch.autograd.Function):
         ctx.site, ctx.eps = site, eps
         ctx.save_for_backward(z, mean, var, *coefficients, *params)
         ctx.mark_non_differentiable(mean, var, nam_var)
-        return _forward_kernel(z, mean, *coefficients[:5]), mean, var, nam_var
+        return _forward_kernel(z, mean, *coefficients), mean, var, nam_var
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        z, mean, var, *rest = ctx.saved_tensors
+        z, mean, var, *rest = ctx.saved_tensors  # rest: (invstd, a, b, p, q, *params)
         dzh, dmean, dvar, *dparams = ctx.site.backward(dy, z, mean, var, *rest, *ctx.eps)
         dz = _input_grad_kernel(dzh, z, mean, rest[0], dmean, dvar)
         return (dz, None, None, *dparams)
@@ -336,10 +342,6 @@ def _update_running_stats(
         rm, rv = bn.running_mean, bn.running_var
         rm.mul_(1 - factor).add_(mean.flatten().to(rm.dtype), alpha=factor)
         rv.mul_(1 - factor).add_(unbiased.to(rv.dtype), alpha=factor)
-
-
-def _view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(1, -1, 1, 1)
 
 
 def _plain_bn(bn: nn.Module) -> bool:
@@ -500,16 +502,10 @@ def eval_bn_channel_gate(
     return _bn_gate_kernel(z, *constants)
 
 
-def _channels(t: torch.Tensor) -> torch.Tensor:
-    """A per-channel ``(C,)`` vector shaped to broadcast over (N, C, H, W). It keeps its dtype,
-    the BatchNorms': under mixed precision a bfloat16/float16 input promotes to its float32."""
-    return t.view(1, -1, 1, 1)
-
-
 def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``-log2(e) * (scale * x + shift)`` per channel, the argument of exp2 in the sigmoid (see
     :func:`_neg_log2e`). The -log2(e) goes into the ``(C,)`` constants."""
-    shift, scale = _channels(_neg_log2e(shift)), _channels(_neg_log2e(scale))
+    shift, scale = _view(_neg_log2e(shift)), _view(_neg_log2e(scale))
     return torch.addcmul(shift, x, scale)
 
 
@@ -526,7 +522,7 @@ def _bn_gate(
     bn_shift: torch.Tensor,
 ) -> torch.Tensor:
     """``(bn_scale * x + bn_shift) * sigmoid(scale * x + shift)`` per channel."""
-    bn = torch.addcmul(_channels(bn_shift), x, _channels(bn_scale))
+    bn = torch.addcmul(_view(bn_shift), x, _view(bn_scale))
     return (bn / (1 + torch.exp2(_logit_base2(x, scale, shift)))).to(x.dtype)
 
 
