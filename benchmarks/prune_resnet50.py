@@ -33,10 +33,18 @@ on the process's allocation history, moved the target configuration's deployed r
 0.78 and 0.97 from one process to the next. The ``page faults`` column (median per pass) shows
 what is left; ``--default-malloc`` leaves the allocator as configured.
 
+With ``--convs`` a third table takes the models apart: every convolution of the original and of
+the models pruned to half the FLOPs with ``round_to=8`` and ``16`` is timed alone on the input
+it gets in the model, in NCHW (as the eager model runs it) and in channels_last (as the
+deployed one does), the original's and the pruned one's in turns; per stage, the table shows
+the FLOPs ratio next to the time ratio, and the pruned stage width (the residual channels).
+Where the time ratio is well above the FLOPs ratio, the convolutions of that stage turn less
+of the FLOPs cut into speed.
+
 Run from the repository root::
 
     python benchmarks/prune_resnet50.py [--batch 8] [--size 224] [--repeats 7] [--threads 2]
-        [--compile] [--default-malloc]
+        [--compile] [--convs] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ import torchvision
 from common import parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.flop_counter import FlopCounterMode
 
 from nam_lightning import fold_nam, inject_nam, prune_channels
 
@@ -65,6 +74,7 @@ CONFIGS: list[tuple[str, dict[str, Any]]] = [  # (label, prune_channels keyword 
 ]
 TARGET_CONFIG = 3  # flops_target=0.5, round_to=8
 TARGET = 0.85  # time saved / FLOPs saved
+CONV_CONFIGS = (3, 4)  # the --convs table: half the FLOPs with round_to=8 and 16
 
 
 @torch.no_grad()
@@ -79,6 +89,78 @@ def deployed(model: nn.Module) -> nn.Module:
     result = copy.deepcopy(model)
     fold_nam(result)
     return result.to(memory_format=torch.channels_last)
+
+
+def conv_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, torch.Tensor]]:
+    """Each convolution of ``model`` by name, with the input it gets in a forward pass of x."""
+    seen: dict[str, tuple[nn.Conv2d, torch.Tensor]] = {}
+    handles = [
+        m.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (m, args[0])}))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def conv_breakdown(
+    original: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int
+) -> list[tuple[str, ...]]:
+    """Per stage (stem, layer1..4, then all): the pruned width (the stem's output channels, a
+    stage's residual channels), the FLOPs ratio and the time ratio of its convolutions, each
+    timed alone on its input in NCHW and in channels_last, the two models' in turns."""
+    rows = []
+    a, b = conv_inputs(original, x), conv_inputs(pruned, x)
+    stages: dict[str, dict[str, list[float]]] = {}
+    for name in a:
+        stage = name.split(".")[0] if name.startswith("layer") else "stem"
+        totals = stages.setdefault(stage, {"flops": [0, 0], "nchw": [0, 0], "cl": [0, 0]})
+        for i, (conv, inp) in enumerate((a[name], b[name])):
+            with FlopCounterMode(display=False) as counter:
+                conv(inp)
+            totals["flops"][i] += counter.get_total_flops()
+        for form in ("nchw", "cl"):
+            fmt = torch.channels_last if form == "cl" else torch.contiguous_format
+            pair = [
+                (copy.deepcopy(conv).to(memory_format=fmt), inp.contiguous(memory_format=fmt))
+                for conv, inp in (a[name], b[name])
+            ]
+            times: list[list[float]] = [[], []]
+            for rep in range(repeats + 1):  # the first round warms up
+                for i in (0, 1) if rep % 2 == 0 else (1, 0):
+                    elapsed, _ = timed_forward(*pair[i])
+                    if rep:
+                        times[i].append(elapsed)
+            for i in (0, 1):
+                totals[form][i] += statistics.median(times[i])
+    stages["all"] = {
+        key: [sum(t[key][i] for t in stages.values()) for i in (0, 1)]
+        for key in ("flops", "nchw", "cl")
+    }
+    for stage, totals in stages.items():
+        if stage == "all":
+            rows.append(("all", "-", *row_values(totals)))
+            continue
+        last = b["conv1" if stage == "stem" else f"{stage}.0.conv3"][0]
+        width = str(last.out_channels)
+        rows.append((stage, width, *row_values(totals)))
+    return rows
+
+
+def row_values(totals: dict[str, list[float]]) -> tuple[str, ...]:
+    """FLOPs ratio, then 'ms -> ms (ratio)' in NCHW and channels_last."""
+    return (
+        f"{totals['flops'][1] / totals['flops'][0]:.3f}",
+        *(
+            f"{totals[form][0] * 1e3:.1f} -> {totals[form][1] * 1e3:.1f} "
+            f"({totals[form][1] / totals[form][0]:.3f})"
+            for form in ("nchw", "cl")
+        ),
+    )
 
 
 def print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
@@ -97,6 +179,11 @@ def main() -> None:
         "--compile",
         action="store_true",
         help="also time the deployed models under torch.compile with freezing (~40 s each)",
+    )
+    parser.add_argument(
+        "--convs",
+        action="store_true",
+        help="also time every convolution alone, per stage, in NCHW and channels_last (~1 min)",
     )
     args = parse_args(parser, positive=("batch", "size", "repeats", "threads"), malloc_option=True)
     torch.manual_seed(0)
@@ -211,6 +298,20 @@ def main() -> None:
             f"target, {label} with round_to={kwargs['round_to']}, {form}: time saved / FLOPs "
             f"saved >= {TARGET}: {verdict} ({share:.2f})"
         )
+
+    if args.convs:
+        print(
+            "\nEach convolution alone on its input in the model, median of "
+            f"{args.repeats}, original and pruned in turns; ms summed per stage "
+            "(original -> pruned (ratio)); width: the pruned stage's residual channels\n"
+        )
+        header = ("stage", "width", "FLOPs ratio", "NCHW ms", "channels_last ms")
+        with torch.inference_mode():
+            for i in CONV_CONFIGS:
+                label, kwargs = CONFIGS[i]
+                print(f"{label}, round_to={kwargs['round_to']}:")
+                print_table(header, conv_breakdown(model, pruned[i], x, args.repeats))
+                print()
 
 
 if __name__ == "__main__":
