@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -75,3 +76,22 @@ def timed_forward(model: Callable[[torch.Tensor], Any], x: torch.Tensor) -> tupl
     model(x)
     seconds = time.perf_counter() - start
     return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
+def module_inputs(
+    model: nn.Module, x: torch.Tensor, kind: type[nn.Module]
+) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Each submodule of ``model`` of type ``kind`` by name, with the input it gets in a forward
+    pass of ``x``: to time it alone on the data it sees in the model."""
+    seen: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    handles = [
+        m.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (m, args[0])}))
+        for name, m in model.named_modules()
+        if isinstance(m, kind)
+    ]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -14,7 +14,9 @@ the order alternates between repetitions. The table shows the median latency, it
 the model without NAM, and the paired ratio (the median over repetitions of the ratio within
 each repetition). The target: the
 folded model within 3% of the model without NAM. ``--compile`` adds the model without NAM and
-the folded model under ``torch.compile(fullgraph=True)``, compared with each other.
+the folded model under ``torch.compile(fullgraph=True)``, compared with each other. Last, the
+folded sites are timed alone on the inputs they get in the model, against the BatchNorms they
+replace in the model without NAM (``bn3`` of each block), in turns: what the sites add.
 
 Eager CPU latency depends on the memory allocator as much as on the arithmetic: glibc hands
 large freed blocks back to the operating system, and the fresh pages of the next allocation
@@ -38,15 +40,37 @@ import time
 
 import torch
 import torchvision
-from common import parse_args, timed_forward
+from common import module_inputs, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
 
 from nam_lightning import NAMSite, inject_nam
-from nam_lightning.fold import fold_nam
+from nam_lightning.fold import FoldedNAM, fold_nam
 
 TARGET = 1.03  # folded latency / latency without NAM
+
+
+def site_times(
+    plain: nn.Module, folded: nn.Module, x: torch.Tensor, repeats: int
+) -> tuple[float, float]:
+    """Seconds of the folded model's sites and of the BatchNorms they replace in the model
+    without NAM (the blocks' ``bn3``), each module timed alone on its input in the model
+    (median of ``repeats``), the pairs in turns, summed over the sites."""
+    sites = module_inputs(folded, x, FoldedNAM)
+    bns = module_inputs(plain, x, nn.BatchNorm2d)
+    total = [0.0, 0.0]
+    for name, site in sites.items():
+        pair = (site, bns[name])  # a folded site takes the place of the BatchNorm: layer1.0.bn3
+        times: list[list[float]] = [[], []]
+        for rep in range(repeats + 1):  # the first round warms up
+            for i in (0, 1) if rep % 2 == 0 else (1, 0):
+                elapsed, _ = timed_forward(*pair[i])
+                if rep:
+                    times[i].append(elapsed)
+        for i in (0, 1):
+            total[i] += statistics.median(times[i])
+    return total[0], total[1]
 
 
 @torch.no_grad()
@@ -163,6 +187,14 @@ def main() -> None:
                 f"target, {folded_key} within {TARGET - 1:.0%} of {base_key}: "
                 f"{verdict} ({ratio:.3f}x, paired {paired[folded_key]:.3f}x)"
             )
+    with torch.inference_mode():
+        sites_s, bns_s = site_times(plain, folded, x, args.repeats)
+    print(
+        f"\nthe {folded_count} folded sites, each alone on its input in the model: "
+        f"{sites_s * 1e3:.1f} ms; the {folded_count} BatchNorms they replace (no NAM): "
+        f"{bns_s * 1e3:.1f} ms; a forward pass of the folded model: "
+        f"{median['NAM folded'] * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 import torchvision
-from common import parse_args, timed_forward
+from common import module_inputs, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -91,22 +91,6 @@ def deployed(model: nn.Module) -> nn.Module:
     return result.to(memory_format=torch.channels_last)
 
 
-def conv_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Conv2d, torch.Tensor]]:
-    """Each convolution of ``model`` by name, with the input it gets in a forward pass of x."""
-    seen: dict[str, tuple[nn.Conv2d, torch.Tensor]] = {}
-    handles = [
-        m.register_forward_hook(lambda m, args, out, name=name: seen.update({name: (m, args[0])}))
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
 def conv_breakdown(
     original: nn.Module, pruned: nn.Module, x: torch.Tensor, repeats: int
 ) -> list[tuple[str, ...]]:
@@ -114,7 +98,7 @@ def conv_breakdown(
     stage's residual channels), the FLOPs ratio and the time ratio of its convolutions, each
     timed alone on its input in NCHW and in channels_last, the two models' in turns."""
     rows = []
-    a, b = conv_inputs(original, x), conv_inputs(pruned, x)
+    a, b = (module_inputs(m, x, nn.Conv2d) for m in (original, pruned))
     stages: dict[str, dict[str, list[float]]] = {}
     for name in a:
         stage = name.split(".")[0] if name.startswith("layer") else "stem"
@@ -146,6 +130,7 @@ def conv_breakdown(
             rows.append(("all", "-", *row_values(totals)))
             continue
         last = b["conv1" if stage == "stem" else f"{stage}.0.conv3"][0]
+        assert isinstance(last, nn.Conv2d)
         width = str(last.out_channels)
         rows.append((stage, width, *row_values(totals)))
     return rows

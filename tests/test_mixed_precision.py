@@ -104,3 +104,43 @@ def test_a_model_cast_to_low_precision_keeps_the_plain_operators() -> None:
     ref.fuse = False
     z = low_precision_input(torch.bfloat16)
     torch.testing.assert_close(ours(z), ref.nam(ref.module(z)), rtol=0, atol=0)
+
+
+def test_pytorch_operators_miss_the_bounds_the_kernels_meet() -> None:
+    """The checks above tell the kernels from PyTorch's own operators: the NAM formula written
+    with them, under the same autocast on the same site, rounds after every step, and some of
+    its outputs land more than one unit in the last place from the float64 result; its bf16
+    parameter gradients are more than 0.1% of the largest one off."""
+
+    def plain(m: NAMSite, z: torch.Tensor) -> torch.Tensor:
+        x = m.module(z)
+        bn = m.nam.channel.bn
+        w = bn.weight.abs() / bn.weight.abs().sum()
+        return x * torch.sigmoid(w.view(1, -1, 1, 1) * bn(x))
+
+    dtype = torch.bfloat16
+    ours = site(training=True)
+    exact = copy.deepcopy(ours).double()
+    z = low_precision_input(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = plain(ours, z)
+    y64 = plain(exact, z.double())
+
+    error = (y.to(dtype).double() - y64).abs()
+    _, exponent = torch.frexp(y64)
+    ulp = torch.ldexp(torch.full_like(y64, ULP[dtype] / 2), exponent)
+    assert float((error / ulp).max()) > 1
+    with pytest.raises(AssertionError, match="off by more than half an ulp"):
+        assert_rounded_once(y.to(dtype), y64, dtype)
+
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    params, params64 = (
+        [p for m in (s.module, s.nam.channel.bn) for p in (m.weight, m.bias)] for s in (ours, exact)
+    )
+    grads = torch.autograd.grad(y, params, dy.to(y.dtype))
+    grads64 = torch.autograd.grad(y64, params64, dy.double())
+    worst = max(
+        float((g.double() - g64).abs().max() / g64.abs().max())
+        for g, g64 in zip(grads, grads64, strict=True)
+    )
+    assert worst > 1e-3
