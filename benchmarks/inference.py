@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile'd no-NAM and folded models (adds ~40 s of compiling)",
+        help="also time torch.compile'd no-NAM and folded models (up to ~40 s of compiling)",
     )
     args = parse_args(parser, positive=("batch", "size", "repeats", "threads"), malloc_option=True)
     torch.manual_seed(0)

@@ -17,8 +17,8 @@ repetitions, the order alternating):
 - ``deployed``: after ``fold_nam`` (each NAM site one fused pass) in channels_last memory
   format, the CPU's native layout for convolutions (no reordering around each one);
 - ``compiled`` (``--compile``): the deployed model under ``torch.compile`` with Inductor's
-  ``freezing`` (BatchNorms folded into the convolutions, weights prepacked), about 40 s of
-  compiling per model.
+  ``freezing`` (BatchNorms folded into the convolutions, weights prepacked); the script prints
+  how long compiling took (up to ~40 s per model without Inductor's cache).
 
 Two ways to say how much of the FLOPs gain becomes speed (1.0: all of it):
 
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time the deployed models under torch.compile with freezing (~40 s each)",
+        help="also time the deployed models under torch.compile with freezing (up to ~40 s each)",
     )
     parser.add_argument(
         "--convs",
