@@ -7,6 +7,7 @@ import argparse
 import ctypes
 import platform
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -95,3 +96,18 @@ def module_inputs(
         for handle in handles:
             handle.remove()
     return seen
+
+
+def paired_medians(
+    pair: tuple[tuple[Callable[[torch.Tensor], Any], torch.Tensor], ...], repeats: int
+) -> list[float]:
+    """Median seconds of each ``(module, input)`` in ``pair`` over ``repeats`` forward passes,
+    after one warm-up round, the two taking turns (the order alternating)."""
+    times: list[list[float]] = [[] for _ in pair]
+    for rep in range(repeats + 1):
+        order = range(len(pair)) if rep % 2 == 0 else reversed(range(len(pair)))
+        for i in order:
+            elapsed, _ = timed_forward(*pair[i])
+            if rep:
+                times[i].append(elapsed)
+    return [statistics.median(t) for t in times]

@@ -40,7 +40,7 @@ import time
 
 import torch
 import torchvision
-from common import module_inputs, parse_args, timed_forward
+from common import module_inputs, paired_medians, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
@@ -62,14 +62,8 @@ def site_times(
     total = [0.0, 0.0]
     for name, site in sites.items():
         pair = (site, bns[name])  # a folded site takes the place of the BatchNorm: layer1.0.bn3
-        times: list[list[float]] = [[], []]
-        for rep in range(repeats + 1):  # the first round warms up
-            for i in (0, 1) if rep % 2 == 0 else (1, 0):
-                elapsed, _ = timed_forward(*pair[i])
-                if rep:
-                    times[i].append(elapsed)
-        for i in (0, 1):
-            total[i] += statistics.median(times[i])
+        for i, seconds in enumerate(paired_medians(pair, repeats)):
+            total[i] += seconds
     return total[0], total[1]
 
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 import torchvision
-from common import module_inputs, parse_args, timed_forward
+from common import module_inputs, paired_medians, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -109,18 +109,12 @@ def conv_breakdown(
             totals["flops"][i] += counter.get_total_flops()
         for form in ("nchw", "cl"):
             fmt = torch.channels_last if form == "cl" else torch.contiguous_format
-            pair = [
+            pair = tuple(
                 (copy.deepcopy(conv).to(memory_format=fmt), inp.contiguous(memory_format=fmt))
                 for conv, inp in (a[name], b[name])
-            ]
-            times: list[list[float]] = [[], []]
-            for rep in range(repeats + 1):  # the first round warms up
-                for i in (0, 1) if rep % 2 == 0 else (1, 0):
-                    elapsed, _ = timed_forward(*pair[i])
-                    if rep:
-                        times[i].append(elapsed)
-            for i in (0, 1):
-                totals[form][i] += statistics.median(times[i])
+            )
+            for i, seconds in enumerate(paired_medians(pair, repeats)):
+                totals[form][i] += seconds
     stages["all"] = {
         key: [sum(t[key][i] for t in stages.values()) for i in (0, 1)]
         for key in ("flops", "nchw", "cl")
