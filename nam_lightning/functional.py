@@ -137,14 +137,36 @@ def _gate_input_grad(
 # past an operation count; in these kernels every intermediate is cheaper to recompute than to
 # store and load again (backward pass 1 at (8, 256, 56, 56): 73 ms -> 29 ms on one thread).
 # And the C++ compiler may fuse a multiply and an add into one FMA (one rounding, not two):
-# the folded site's kernel 5-8% faster.
-_INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
-    "realize_reads_threshold": 1000,
-    "realize_opusers_threshold": 1000,
-    "realize_cpu_opcount_threshold": 1000,
-    "realize_cpu_acc_reads_threshold": 1000,
-    "cpp.enable_floating_point_contract_flag": "fast",
-}
+# the folded site's kernel 5-8% faster. Option names and types vary between torch versions,
+# and torch.compile refuses one it does not know (the kernels would then run eagerly): each
+# entry lists its spellings, newest first, and the first one this torch knows is taken.
+_INDUCTOR_WISHES: list[dict[str, str | int | bool]] = [
+    {"realize_reads_threshold": 1000},
+    {"realize_opusers_threshold": 1000},
+    # recent torch has a CPU threshold and an override for every device; older torch has the
+    # override alone, which then serves the CPU
+    {"realize_cpu_opcount_threshold": 1000, "realize_opcount_threshold": 1000},
+    {"realize_cpu_acc_reads_threshold": 1000, "realize_acc_reads_threshold": 1000},
+    # a mode ("off", "on", "fast") in recent torch; a bool in older torch, where True leaves out
+    # -ffp-contract=off and the compiler contracts
+    {"cpp.enable_floating_point_contract_flag": "fast"},
+]
+
+
+def _inductor_options(known: dict[str, Any]) -> dict[str, str | int | bool | Callable[..., Any]]:
+    """The options of :data:`_INDUCTOR_WISHES` that an Inductor whose configuration is
+    ``known`` (name -> current value) accepts, each under its first known spelling and with a
+    value of the type it has there."""
+    options: dict[str, str | int | bool | Callable[..., Any]] = {}
+    for spellings in _INDUCTOR_WISHES:
+        for name, value in spellings.items():
+            if name in known:
+                current = known[name]
+                if isinstance(current, bool) and not isinstance(value, bool):
+                    value = True  # the older on/off form of a mode
+                options[name] = value
+                break
+    return options
 
 
 # Shapes are symbolic, but dtypes, memory layouts, eps values, sizes of 1 and affine or not each
@@ -181,11 +203,13 @@ class _Kernel:
         if not self.enabled or tracing:
             return self.fn(*args)
         if self.compiled is None:
+            from torch._inductor import config as inductor_config
+
             self.compiled = torch.compile(
                 self.fn,
                 dynamic=True,
                 fullgraph=True,
-                options=_INDUCTOR_OPTIONS,
+                options=_inductor_options(inductor_config.get_config_copy()),
                 **_RECOMPILE_LIMIT,
             )
         try:

@@ -190,6 +190,47 @@ def test_compiled_kernels_equal_the_eager_math(kind: str) -> None:
         torch.testing.assert_close(dz, expected)
 
 
+def test_inductor_options_are_ones_this_torch_accepts() -> None:
+    """torch.compile refuses an option its Inductor does not know, or one of another type, and
+    the kernels would then run eagerly: every option asked for is known here, and accepted."""
+    from torch._inductor import config
+
+    from nam_lightning.functional import _inductor_options
+
+    known = config.get_config_copy()
+    options = _inductor_options(known)
+    assert options == {
+        "realize_reads_threshold": 1000,
+        "realize_opusers_threshold": 1000,
+        "realize_cpu_opcount_threshold": 1000,
+        "realize_cpu_acc_reads_threshold": 1000,
+        "cpp.enable_floating_point_contract_flag": "fast",
+    }
+    torch.compile(lambda t: t + 1, options=options)  # checks the options; compiles on first call
+
+
+def test_inductor_options_for_an_older_torch() -> None:
+    """An older Inductor's configuration (as in pytorch/pytorch's torch/_inductor/config.py of
+    mid-2024: one opcount and one accumulated-reads threshold for every device, no op-users
+    threshold, an on/off contraction flag) gets each option under the name and type it has
+    there, and nothing it would refuse."""
+    from nam_lightning.functional import _inductor_options
+
+    older = {
+        "realize_reads_threshold": 4,
+        "realize_opcount_threshold": 30,
+        "realize_acc_reads_threshold": 8,
+        "cpp.enable_floating_point_contract_flag": False,
+        "max_autotune": False,
+    }
+    assert _inductor_options(older) == {
+        "realize_reads_threshold": 1000,
+        "realize_opcount_threshold": 1000,
+        "realize_acc_reads_threshold": 1000,
+        "cpp.enable_floating_point_contract_flag": True,
+    }
+
+
 def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> None:
     def broken_compile(fn, **kwargs):
         def run(*args):
