@@ -210,10 +210,10 @@ def test_inductor_options_are_ones_this_torch_accepts() -> None:
 
 
 def test_inductor_options_for_an_older_torch() -> None:
-    """An older Inductor's configuration (as in pytorch/pytorch's torch/_inductor/config.py of
-    mid-2024: one opcount and one accumulated-reads threshold for every device, no op-users
-    threshold, an on/off contraction flag) gets each option under the name and type it has
-    there, and nothing it would refuse."""
+    """An older Inductor's configuration (as an older torch/_inductor/config.py of
+    pytorch/pytorch has it: one opcount and one accumulated-reads threshold for every device,
+    no op-users threshold, an on/off contraction flag) gets each option under the name and
+    type it has there, and nothing it would refuse."""
     from nam_lightning.functional import _inductor_options
 
     older = {
