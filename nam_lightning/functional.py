@@ -202,19 +202,21 @@ class _Kernel:
         )
         if not self.enabled or tracing:
             return self.fn(*args)
-        if self.compiled is None:
-            from torch._inductor import config as inductor_config
-
-            self.compiled = torch.compile(
-                self.fn,
-                dynamic=True,
-                fullgraph=True,
-                options=_inductor_options(inductor_config.get_config_copy()),
-                **_RECOMPILE_LIMIT,
-            )
         try:
+            if self.compiled is None:
+                from torch._inductor import config as inductor_config
+
+                self.compiled = torch.compile(
+                    self.fn,
+                    dynamic=True,
+                    fullgraph=True,
+                    options=_inductor_options(inductor_config.get_config_copy()),
+                    **_RECOMPILE_LIMIT,
+                )
             return self.compiled(*args)
-        except Exception as err:  # a missing toolchain shows up at the first call
+        # torch.compile refuses options it does not know at once; a missing toolchain shows up
+        # at the first call
+        except Exception as err:
             # Where the plain operators fail as well, the inputs are at fault, not compiling:
             # their error propagates and the kernel stays compiled.
             result = self.fn(*args)

@@ -231,11 +231,17 @@ def test_inductor_options_for_an_older_torch() -> None:
     }
 
 
-def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch) -> None:
+@pytest.mark.parametrize("when", ["first call", "torch.compile"])
+def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch, when: str) -> None:
+    """A missing toolchain fails at the first call; an option torch.compile does not know fails
+    at torch.compile itself. Either way the kernel warns once and runs the plain operators."""
+
     def broken_compile(fn, **kwargs):
         def run(*args):
             raise RuntimeError("no C++ compiler\nsecond line of a long log")
 
+        if when == "torch.compile":
+            run()
         return run
 
     monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
