@@ -35,6 +35,7 @@ output is rounded once; the statistics and per-channel values stay float32.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -172,10 +173,23 @@ def _inductor_options(known: dict[str, Any]) -> dict[str, str | int | bool | Cal
 # Shapes are symbolic, but dtypes, memory layouts, eps values, sizes of 1 and affine or not each
 # compile a variant; past torch.compile's default of 8 per function a kernel would run eagerly
 # from then on (a process that validates, prunes and exports meets many). Recent versions of
-# torch.compile take a per-function limit; older ones keep their 8.
+# torch.compile take a per-function limit; older ones (torch 2.11, say) only Dynamo's global
+# one, which a kernel then raises to this while it runs (~10 us a call).
+_VARIANTS = 64
 _RECOMPILE_LIMIT: dict[str, Any] = {}
 if "recompile_limit" in inspect.signature(torch.compile).parameters:
-    _RECOMPILE_LIMIT["recompile_limit"] = 64
+    _RECOMPILE_LIMIT["recompile_limit"] = _VARIANTS
+
+
+def _variants_scope() -> contextlib.AbstractContextManager[Any]:
+    """Where torch.compile took no per-function limit, Dynamo's global one raised to
+    ``_VARIANTS`` (never lowered) for the duration of a kernel's call; else nothing."""
+    if _RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    from torch._dynamo import config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(name, max(_VARIANTS, getattr(dynamo_config, name)))
 
 
 class _Kernel:
@@ -213,7 +227,10 @@ class _Kernel:
                     options=_inductor_options(inductor_config.get_config_copy()),
                     **_RECOMPILE_LIMIT,
                 )
-            return self.compiled(*args)
+            if _RECOMPILE_LIMIT:
+                return self.compiled(*args)
+            with _variants_scope():
+                return self.compiled(*args)
         # torch.compile refuses options it does not know at once; a missing toolchain shows up
         # at the first call
         except Exception as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -229,6 +230,33 @@ def test_inductor_options_for_an_older_torch() -> None:
         "realize_acc_reads_threshold": 1000,
         "cpp.enable_floating_point_contract_flag": True,
     }
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+def test_kernel_keeps_many_variants_where_torch_compile_takes_no_limit(monkeypatch) -> None:
+    """torch.compile of torch 2.11 takes no per-function ``recompile_limit``, and Dynamo's
+    global one (8) made a kernel's 9th variant fail under fullgraph=True: it then ran eagerly
+    for the rest of the process. The kernel raises the global limit while it runs, and only
+    then."""
+    from torch._dynamo import config as dynamo_config
+
+    from nam_lightning import functional
+
+    monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
+    monkeypatch.setattr(functional, "_RECOMPILE_LIMIT", {})  # as on a torch without the option
+    limit = dynamo_config.recompile_limit
+    assert limit < 10
+    kernel = _Kernel(lambda t: t * 2 + 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="nam_lightning")  # no fallback
+        for rank in range(1, 11):  # each rank a variant of its own
+            x = torch.randn([2] * rank)
+            torch.testing.assert_close(kernel(x), x * 2 + 1)
+    assert kernel.enabled
+    assert dynamo_config.recompile_limit == limit
 
 
 @pytest.mark.parametrize("when", ["first call", "torch.compile"])
