@@ -404,12 +404,20 @@ def _kernel_dtypes(x: torch.Tensor, bn: nn.Module) -> bool:
     )
 
 
+# Under torch.compile(model) the training function below is traced into the model's graph.
+# torch 2.14 traces it exactly (tests/test_functional.py); Dynamo of torch 2.11 mis-wires its
+# saved tensors: a fused site's gradients came out wrong, NAM alone failed to trace. Before
+# 2.14 a model being compiled takes the plain operators, which Inductor fuses itself.
+_TRACEABLE = torch.__version__ >= "2.14"  # a TorchVersion: compares as a version
+
+
 def lean_applies(x: torch.Tensor, bn: nn.Module) -> bool:
     """Whether the lean path reproduces ``bn``: a plain, affine BatchNorm normalising with batch
     statistics (training mode), on an input of a dtype the kernels take (:func:`_kernel_dtypes`).
     SyncBatchNorm needs its cross-device statistics: not covered."""
     return (
-        _plain_bn(bn)
+        (_TRACEABLE or not torch.compiler.is_compiling())
+        and _plain_bn(bn)
         and bn.training
         and bool(bn.affine)
         and x.dim() == 4

@@ -200,14 +200,17 @@ def test_inductor_options_are_ones_this_torch_accepts() -> None:
 
     known = config.get_config_copy()
     options = _inductor_options(known)
-    assert options == {
-        "realize_reads_threshold": 1000,
-        "realize_opusers_threshold": 1000,
-        "realize_cpu_opcount_threshold": 1000,
-        "realize_cpu_acc_reads_threshold": 1000,
-        "cpp.enable_floating_point_contract_flag": "fast",
-    }
+    assert set(options) <= set(known)
+    assert all(type(value) is type(known[name]) for name, value in options.items())
     torch.compile(lambda t: t + 1, options=options)  # checks the options; compiles on first call
+    if "realize_opusers_threshold" in known:  # torch 2.14: every option under its newest name
+        assert options == {
+            "realize_reads_threshold": 1000,
+            "realize_opusers_threshold": 1000,
+            "realize_cpu_opcount_threshold": 1000,
+            "realize_cpu_acc_reads_threshold": 1000,
+            "cpp.enable_floating_point_contract_flag": "fast",
+        }
 
 
 def test_inductor_options_for_an_older_torch() -> None:
@@ -311,11 +314,18 @@ def test_fuse_flag_travels_through_injection_and_the_record() -> None:
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
     reason="torch.compile on the CPU needs a C++ compiler",
 )
-def test_a_compiled_model_trains_as_the_eager_one() -> None:
+@pytest.mark.parametrize("traceable", [True, False], ids=["traced", "plain operators"])
+def test_a_compiled_model_trains_as_the_eager_one(monkeypatch, traceable: bool) -> None:
     """Under ``torch.compile(model)`` (``ImageClassifier(compile=True)``) the sites' autograd
-    function is traced into the model's graph: same loss, gradients and running statistics."""
-    from nam_lightning import inject_nam
+    function is traced into the model's graph, or, on a torch older than 2.14 (whose Dynamo
+    mis-wired it), the sites run the plain operators: same loss, gradients and running
+    statistics as the eager model with its kernels."""
+    from nam_lightning import functional, inject_nam
     from nam_lightning.models import small_resnet
+
+    if traceable and not functional._TRACEABLE:
+        pytest.skip("this torch's Dynamo mis-wires the traced function: gradients come out wrong")
+    monkeypatch.setattr(functional, "_TRACEABLE", traceable)
 
     torch.manual_seed(0)
     eager = small_resnet(10, in_channels=1)
