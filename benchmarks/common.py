@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import platform
 import resource
 import statistics
@@ -98,16 +99,38 @@ def module_inputs(
     return seen
 
 
+def take_turns(
+    fns: dict[str, Callable[[], Any]],
+    reps: int,
+    warmup: int,
+    timer: Callable[[Callable[[], Any]], float] | None = None,
+) -> dict[str, list[float]]:
+    """Each ``fn`` run ``warmup`` times (compiling, autotuning), then ``reps`` timed runs in
+    turns, the order alternating; returns the seconds of each timed run. ``timer(fn)`` times
+    one run (default: wall-clock seconds of ``fn()``)."""
+    if timer is None:
+        timer = _wall_seconds
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {key: [] for key in fns}
+    keys = list(fns)
+    for rep in range(reps):
+        for key in keys if rep % 2 == 0 else keys[::-1]:
+            seconds[key].append(timer(fns[key]))
+    return seconds
+
+
+def _wall_seconds(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def paired_medians(
     pair: tuple[tuple[Callable[[torch.Tensor], Any], torch.Tensor], ...], repeats: int
 ) -> list[float]:
     """Median seconds of each ``(module, input)`` in ``pair`` over ``repeats`` forward passes,
-    after one warm-up round, the two taking turns (the order alternating)."""
-    times: list[list[float]] = [[] for _ in pair]
-    for rep in range(repeats + 1):
-        order = range(len(pair)) if rep % 2 == 0 else reversed(range(len(pair)))
-        for i in order:
-            elapsed, _ = timed_forward(*pair[i])
-            if rep:
-                times[i].append(elapsed)
-    return [statistics.median(t) for t in times]
+    after one warm-up round, taking turns (:func:`take_turns`)."""
+    runs = {str(i): functools.partial(m, x) for i, (m, x) in enumerate(pair)}
+    return [statistics.median(t) for t in take_turns(runs, repeats, warmup=1).values()]

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import torchvision
-from common import parse_args
+from common import parse_args, take_turns
 from prune_resnet50 import print_table, randomise_gammas
 from torch import nn
 from train_step import (
@@ -69,29 +69,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of ``fn()``, the device's queued work included."""
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
+def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    """Seconds of ``fn()`` on ``device``, its queued work included."""
 
+    def timed(fn: Callable[[], Any]) -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        return time.perf_counter() - start
 
-def take_turns(
-    fns: dict[str, Callable[[], Any]], reps: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Each ``fn`` run ``warmup`` times (compiling, cudnn's autotuning), then ``reps`` timed
-    runs in turns, the order alternating; returns the seconds of each timed run."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    seconds: dict[str, list[float]] = {key: [] for key in fns}
-    keys = list(fns)
-    for rep in range(reps):
-        for key in keys if rep % 2 == 0 else keys[::-1]:
-            seconds[key].append(timed(fns[key], device))
-    return seconds
+    return timed
 
 
 def timing_columns(seconds: list[float], base: list[float], batch: int) -> tuple[str, ...]:
@@ -142,7 +130,7 @@ def training(args: argparse.Namespace, base: nn.Module, device: torch.device) ->
             peak[key] = f"{torch.cuda.max_memory_allocated(device) / MiB:.0f}"
         else:
             peak[key] = "-"
-    seconds = take_turns(steps, args.reps, args.warmup, device)
+    seconds = take_turns(steps, args.reps, args.warmup, timer(device))
     rows = [
         (
             key,
@@ -192,7 +180,7 @@ def inference(args: argparse.Namespace, base: nn.Module, device: torch.device) -
                 outputs[key] = model(x)
 
         passes[key] = forward
-    seconds = take_turns(passes, args.reps, args.warmup, device)
+    seconds = take_turns(passes, args.reps, args.warmup, timer(device))
     reference = outputs["straightforward"].float()
     rows = [
         (
@@ -243,7 +231,7 @@ def sites(args: argparse.Namespace, device: torch.device) -> None:
                 torch.autograd.grad(y, [z, *module.parameters()], dy)
 
             passes[key] = forward_backward
-        seconds = take_turns(passes, args.reps, args.warmup, device)
+        seconds = take_turns(passes, args.reps, args.warmup, timer(device))
         for key, times in seconds.items():
             ms, _, ratio, paired = timing_columns(times, seconds["BatchNorm"], args.batch)
             rows.append((f"{stage}", "x".join(map(str, shape[1:])), key, ms, ratio, paired))
@@ -277,7 +265,7 @@ def pruning(args: argparse.Namespace, base: nn.Module, device: torch.device) -> 
                 m(x)
 
         passes[key] = forward
-    seconds = take_turns(passes, args.reps, args.warmup, device)
+    seconds = take_turns(passes, args.reps, args.warmup, timer(device))
     base_s = statistics.median(seconds["original"])
     rows = []
     for round_to in (None, 8):

@@ -182,10 +182,8 @@ if "recompile_limit" in inspect.signature(torch.compile).parameters:
 
 
 def _variants_scope() -> contextlib.AbstractContextManager[Any]:
-    """Where torch.compile took no per-function limit, Dynamo's global one raised to
-    ``_VARIANTS`` (never lowered) for the duration of a kernel's call; else nothing."""
-    if _RECOMPILE_LIMIT:
-        return contextlib.nullcontext()
+    """For a torch.compile that takes no per-function limit: Dynamo's global one raised to
+    ``_VARIANTS`` (never lowered) for the duration of a kernel's call."""
     from torch._dynamo import config as dynamo_config
 
     name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
