@@ -7,6 +7,7 @@ The core (attention, injection, sparsity, pruning, checkpoints) is plain PyTorch
 from typing import Any
 
 from .attention import NAM, NAMChannelAttention, NAMSite, NAMSpatialAttention
+from .autolambda import AutoLambda
 from .checkpoint import load_checkpoint, save_pruned
 from .fold import FoldedNAM, fold_nam
 from .inject import inject_nam, remove_nam
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NAM",
+    "AutoLambda",
     "FoldedNAM",
     "NAMCallback",
     "NAMChannelAttention",

@@ -19,28 +19,33 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from .attention import NAMSite
+from .autolambda import AutoLambda
 from .checks import check_bool, check_finite_float
 from .inject import Sites, check_sites, inject_nam, resolve_sites
-from .pruning import PruneConfig
-from .record import PRUNING_ATTR
+from .pruning import PruneConfig, removal_plan
+from .record import PRUNING_ATTR, pruning_passes
 from .report import PruneReport
 from .sparsity import (
     Targets,
     add_l1_subgradient_,
     check_targets,
     l1_norm,
+    masked_share,
     non_finite,
     scale_factors,
     sparsity,
@@ -53,6 +58,10 @@ class NAMCallback(Callback):
     Args:
         lambda_: weight of the L1 penalty ``lambda_ * sum |gamma|`` (the paper uses 1e-4;
             Network Slimming uses 1e-5 for deep ResNets). 0 disables the penalty.
+            ``"auto"`` (needs ``prune``): lambda is set during training so that the channels
+            pruning will remove end with almost no ``|gamma|`` mass, and only those channels
+            are penalised (see :class:`~nam_lightning.AutoLambda`; pass one to change its
+            start, rate or schedule). Logged as ``nam/lambda`` and ``nam/pruned_mass``.
         targets: which scale factors are penalised: ``"nam"`` (NAM's own, as in the paper),
             ``"bn"`` (every backbone BatchNorm, Network Slimming) or ``"all"`` (both; pruning
             needs sparse backbone BatchNorms).
@@ -78,7 +87,7 @@ class NAMCallback(Callback):
 
     def __init__(
         self,
-        lambda_: float = 1e-4,
+        lambda_: float | Literal["auto"] | AutoLambda = 1e-4,
         *,
         targets: Targets = "all",
         sites: Sites = "auto",
@@ -89,7 +98,15 @@ class NAMCallback(Callback):
         prune: float | PruneConfig | None = None,
         fuse: bool = True,
     ) -> None:
-        check_finite_float("lambda_", lambda_, zero_ok=True)
+        auto: AutoLambda | None = None
+        if lambda_ == "auto":
+            auto = AutoLambda()
+        elif isinstance(lambda_, AutoLambda):
+            auto = lambda_
+        elif isinstance(lambda_, str):
+            raise ValueError(f"`lambda_` must be a float >= 0 or 'auto', got {lambda_!r}")
+        else:
+            check_finite_float("lambda_", lambda_, zero_ok=True)
         check_targets(targets)
         check_sites(sites)
         flags = (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse))
@@ -98,7 +115,8 @@ class NAMCallback(Callback):
         check_finite_float("sparsity_threshold", sparsity_threshold)
         if log_on not in ("step", "epoch"):
             raise ValueError(f"`log_on` must be 'step' or 'epoch', got {log_on!r}")
-        self.lambda_ = float(lambda_)
+        self.lambda_ = auto.lambda_ if auto is not None else float(lambda_)  # type: ignore[arg-type]
+        self.auto = auto
         self.targets: Targets = targets
         self.sites = sites
         self.spatial = spatial
@@ -118,9 +136,23 @@ class NAMCallback(Callback):
                 f"`prune` must be None, a fraction of channels to remove or a PruneConfig, "
                 f"got {prune!r}"
             )
+        if auto is not None and prune is None:
+            raise ValueError(
+                "`lambda_='auto'` aims the penalty at the channels pruning will remove, so it "
+                "needs `prune` (e.g. prune=PruneConfig(flops_target=0.4)); give a float "
+                "`lambda_` to train without a pruning target."
+            )
         self.prune = prune
         self.report: PruneReport | None = None
+        self.pruned_path: Path | None = None
         self._example: Any = None
+        # auto lambda: the planned channels (BatchNorm weight name -> indices), the step of
+        # that plan, the share of the |gamma| mass they held at the last step
+        self._plan: dict[str, list[int]] | None = None
+        self._planned_at: int | None = None
+        self._masked: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._share: float | None = None
+        self._stepped_at: int | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -188,16 +220,53 @@ class NAMCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.lambda_ == 0:
-            return
-        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        params = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
         # Lightning leaves gradients scaled for optimizers that unscale inside step() (fused).
         scale = 1.0
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self.auto is not None:
+            self._auto_step(trainer, pl_module)
+            if self._masked is None:
+                return
+            params, masks = self._masked
+            mine = [i for i, p in enumerate(params) if id(p) in stepped]
+            add_l1_subgradient_(
+                [params[i] for i in mine], self.lambda_ * scale, [masks[i] for i in mine]
+            )
+            return
+        if self.lambda_ == 0:
+            return
+        params = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
         add_l1_subgradient_(params, self.lambda_ * scale)
+
+    def _auto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once per optimizer step: plan when due, measure the planned channels' share of the
+        ``|gamma|`` mass, and let the controller set lambda."""
+        assert self.auto is not None and self.prune is not None
+        step = trainer.global_step
+        if self._stepped_at == step:  # a second optimizer in the same step
+            return
+        self._stepped_at = step
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "`lambda_='auto'` schedules the penalty over the training, so the number of "
+                "steps must be known: set `max_steps`, or `max_epochs` with a sized dataloader."
+            )
+        total = int(total)
+        if self.auto.plan_due(step, total, self._planned_at):
+            plan = removal_plan(pl_module, self._example_batch(pl_module)[:1], self.prune)
+            # the scale factors are replicated, so every rank plans the same; rank 0's is kept
+            self._plan = trainer.strategy.broadcast(plan, src=0)
+            self._planned_at, self._masked = step, None
+        if self._plan is None:
+            return
+        if self._masked is None:
+            self._masked = _masks(pl_module, self._plan)
+        self._share = masked_share(*self._masked)
+        self.lambda_ = self.auto.update(self._share, step, total)
 
     @override
     def on_train_batch_start(
@@ -213,20 +282,7 @@ class NAMCallback(Callback):
         if self.prune is None:
             return
         self._check_finite(pl_module)
-        example = pl_module.example_input_array
-        if example is None:
-            example = self._example
-        if example is None:
-            raise ValueError(
-                "NAMCallback(prune=...) needs an example batch: set `example_input_array` on "
-                "the LightningModule, or train on batches whose first element is the input."
-            )
-        device = next(pl_module.parameters()).device
-        if isinstance(example, torch.Tensor):
-            example = example.to(device)
-        elif isinstance(example, tuple):
-            example = tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
-        self.report = self.prune.apply(pl_module, example)
+        self.report = self.prune.apply(pl_module, self._example_batch(pl_module))
         record = vars(pl_module)[PRUNING_ATTR]["passes"][-1]["history"]
         digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)
@@ -235,7 +291,10 @@ class NAMCallback(Callback):
                 "NAMCallback: the ranks pruned different channels (their BatchNorm scale "
                 "factors differ), so the models are no longer replicas; nothing was saved."
             )
-        rank_zero_info(f"NAMCallback: pruned the model\n{self.report.table()}")
+        self.pruned_path = self._save_pruned(trainer)
+        rank_zero_info(
+            f"NAMCallback: pruned the model\n{self.report.table()}\nSaved {self.pruned_path}"
+        )
         metrics = {
             "prune/params_ratio": self.report.params_ratio,
             "prune/flops_ratio": self.report.flops_ratio,
@@ -261,6 +320,74 @@ class NAMCallback(Callback):
         if self.log_on == "epoch":
             self._log(pl_module, on_step=False)
 
+    def _save_pruned(self, trainer: pl.Trainer) -> Path:
+        """Save the pruned model (weights and record, no optimizer state) next to the trainer's
+        checkpoints, and drop the optimizer state: it belongs to the unpruned parameters, so
+        no later ``trainer.save_checkpoint`` can write it with the pruned model."""
+        checkpoint = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
+        path = Path(dirpath) / "pruned.ckpt"
+        version = 0
+        while path.exists():  # an earlier fit's pruned model is kept
+            version += 1
+            path = Path(dirpath) / f"pruned-v{version}.ckpt"
+        trainer.save_checkpoint(path, weights_only=True)
+        trainer.strategy.optimizers = []
+        trainer.strategy.lr_scheduler_configs = []
+        return path
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn != TrainerFn.FITTING or not checkpoint.get("state_dict"):
+            return
+        if pruning_passes(checkpoint["state_dict"]) and not checkpoint.get("optimizer_states"):
+            raise RuntimeError(
+                "NAMCallback: this checkpoint holds a model pruned at the end of training, "
+                "without optimizer state (the old state had the unpruned shapes), so training "
+                "cannot resume from it. Fine-tune it with a new fit instead: "
+                "`model = nam_lightning.load_checkpoint(MyModule, path)` then "
+                "`trainer.fit(model)` without `ckpt_path`."
+            )
+
+    def _example_batch(self, pl_module: pl.LightningModule) -> Any:
+        """The batch pruning traces: ``example_input_array``, else the first training input."""
+        example = pl_module.example_input_array
+        if example is None:
+            example = self._example
+        if example is None:
+            raise ValueError(
+                "NAMCallback(prune=...) needs an example batch: set `example_input_array` on "
+                "the LightningModule, or train on batches whose first element is the input."
+            )
+        device = next(pl_module.parameters()).device
+        if isinstance(example, torch.Tensor):
+            return example.to(device)
+        if isinstance(example, tuple):
+            return tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
+        return example
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.auto is None:
+            return {}
+        return {
+            "auto": self.auto.state_dict(),
+            "plan": self._plan,
+            "planned_at": self._planned_at,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.auto is None or "auto" not in state_dict:
+            return
+        self.auto.load_state_dict(state_dict["auto"])
+        self.lambda_ = self.auto.lambda_
+        self._plan = state_dict["plan"]
+        self._planned_at = state_dict["planned_at"]
+        self._masked = None
+
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
         """Stop when a scale factor is NaN or inf, before it spreads (once per epoch)."""
         bad = non_finite(pl_module, self.targets)
@@ -274,11 +401,37 @@ class NAMCallback(Callback):
     @torch.no_grad()
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
         params = scale_factors(pl_module, self.targets)
-        for name, value in (
-            ("nam/l1_penalty", self.lambda_ * l1_norm(params)),
-            ("nam/sparsity", sparsity(params, self.sparsity_threshold)),
-        ):
+        metrics: dict[str, Any] = {"nam/sparsity": sparsity(params, self.sparsity_threshold)}
+        if self.auto is None:
+            metrics["nam/l1_penalty"] = self.lambda_ * l1_norm(params)
+        else:
+            metrics["nam/lambda"] = self.lambda_ if self._masked is not None else 0.0
+            if self._share is not None:
+                metrics["nam/pruned_mass"] = self._share
+        for name, value in metrics.items():
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step)
+
+
+def _masks(
+    pl_module: pl.LightningModule, plan: dict[str, list[int]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The planned scale factors and, for each, a 0/1 mask of its planned channels."""
+    named = dict(pl_module.named_parameters())
+    missing = [name for name in plan if name not in named]
+    if missing:
+        raise RuntimeError(
+            f"NAMCallback: the planned channels name parameters this model does not have "
+            f"({missing[:3]}): the model changed since the plan was made."
+        )
+    params: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for name, lost in plan.items():
+        param = named[name]
+        mask = torch.zeros_like(param, dtype=param.dtype)
+        mask[lost] = 1
+        params.append(param)
+        masks.append(mask)
+    return params, masks
 
 
 def _configure_then_inject(

@@ -19,3 +19,11 @@ def check_finite_float(name: str, value: object, *, zero_ok: bool = False) -> No
         raise ValueError(
             f"`{name}` must be a finite float {'>=' if zero_ok else '>'} 0, got {value!r}"
         )
+
+
+def check_fraction(name: str, value: object) -> None:
+    """A float strictly between 0 and 1; ints count, bools and NaN do not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a fraction in (0, 1), a float, got {value!r}")
+    if not 0 < value < 1:  # NaN fails this too
+        raise ValueError(f"`{name}` must be a fraction in (0, 1), got {value!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,16 +89,15 @@ class NAMLightningCLI(LightningCLI):
             super()._run_subcommand(subcommand)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_class_arguments(
-            NAMCallback, "nam", fail_untyped=False, sub_configs=True, skip={"prune"}
-        )
+        parser.add_class_arguments(NAMCallback, "nam", fail_untyped=False, sub_configs=True)
         parser.callback_keys.append("nam")
         parser.add_class_arguments(PruneConfig, "pruning", fail_untyped=False)
-        # The default job is short (20 epochs of 20 steps), so its penalty is stronger than the
-        # paper's 1e-4 over ~60k steps: the scale factors must reach ~0 within the run.
+        # The callback prunes to --pruning when training ends; with lambda_="auto" (the
+        # default) it also aims the penalty at the channels that pruning will remove.
+        parser.link_arguments("pruning", "nam.prune", apply_on="instantiate")
         digits = {"class_path": "nam_lightning.data.DigitsDataModule"}
         parser.set_defaults(
-            {"nam.lambda_": 1e-2, "pruning.flops_target": DEFAULT_FLOPS_TARGET, "data": digits}
+            {"nam.lambda_": "auto", "pruning.flops_target": DEFAULT_FLOPS_TARGET, "data": digits}
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
@@ -189,6 +189,7 @@ class NAMLightningCLI(LightningCLI):
         model: ImageClassifier,
         datamodule: pl.LightningDataModule,
         finetune_epochs: int = 10,
+        finetune_lr: float = 0.01,
         run_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -196,16 +197,16 @@ class NAMLightningCLI(LightningCLI):
 
         Args:
             finetune_epochs: epochs of fine-tuning after pruning.
+            finetune_lr: learning rate fine-tuning starts at (cosine decay, no warm-up).
             run_dir: where artifacts go (default: runs/<date-time>).
             overwrite: replace the artifacts of an existing run directory.
         """
         assert run_dir is not None
-        config = self._config()
         summary = run_pipeline(
             model,
             datamodule,
             lambda stage, sparsity: self._stage_trainer(stage, sparsity),
-            config["pruning"],
+            finetune_lr,
             Path(run_dir),
         )
         rank_zero_info(f"\n{render_markdown(summary)}\nArtifacts in {run_dir}/")
@@ -240,6 +241,7 @@ class NAMLightningCLI(LightningCLI):
         model: ImageClassifier,
         datamodule: pl.LightningDataModule,
         ckpt_path: str,
+        finetune_lr: float = 0.01,
         run_dir: str | None = None,
         overwrite: bool = False,
     ) -> None:
@@ -247,15 +249,17 @@ class NAMLightningCLI(LightningCLI):
 
         Args:
             ckpt_path: the checkpoint written by ``nam-lightning prune`` (or ``run``).
+            finetune_lr: learning rate fine-tuning starts at (cosine decay, no warm-up).
             run_dir: where artifacts go (default: runs/<date-time>).
             overwrite: replace the artifacts of an existing run directory.
         """
         assert run_dir is not None
         pruned = load_checkpoint(type(model), ckpt_path)
+        pruned.finetuning(finetune_lr)
         trainer = self._stage_trainer("finetune", sparsity=False)
         trainer.fit(pruned, datamodule=datamodule)
         trainer.test(pruned, datamodule=datamodule)
-        trainer.save_checkpoint(Path(run_dir) / "finetuned.ckpt")
+        trainer.save_checkpoint(Path(run_dir) / "finetuned.ckpt", weights_only=True)
 
 
 def main(args: Any = None) -> None:
@@ -284,6 +288,9 @@ def _check_stage_options(config: Any) -> None:
     epochs = config.get("finetune_epochs")
     if epochs is not None and epochs < 1:
         raise ValueError(f"--finetune_epochs must be a positive int, got {epochs}")
+    lr = config.get("finetune_lr")
+    if lr is not None and not 0 < lr < math.inf:
+        raise ValueError(f"--finetune_lr must be a finite float > 0, got {lr}")
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(

@@ -7,7 +7,7 @@ torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAM
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +16,8 @@ import torchmetrics
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
+
+from .checks import check_finite_float
 
 SMALL_RESNET = "small_resnet"
 
@@ -86,7 +88,11 @@ class ImageClassifier(pl.LightningModule):
         in_channels: input channels (linked to the data by the command line).
         cifar_stem: for torchvision models on small images: a 3x3 stride-1 first conv and no
             max-pool.
-        lr: peak SGD learning rate (cosine decay to 0 over the run).
+        lr: peak SGD learning rate.
+        schedule: ``"onecycle"``: warm up to ``lr`` over the first 15% of the steps, then
+            anneal to ~0 (training from scratch); ``"cosine"``: start at ``lr`` and decay to 0
+            with no warm-up (fine-tuning trained or pruned weights, which a warm-up back to a
+            high learning rate would undo). :meth:`finetuning` switches to it.
         momentum: SGD momentum.
         weight_decay: SGD weight decay (not applied to BatchNorm scale factors, which carry the
             L1 sparsity penalty instead).
@@ -103,12 +109,15 @@ class ImageClassifier(pl.LightningModule):
         in_channels: int = 3,
         cifar_stem: bool = False,
         lr: float = 0.1,
+        schedule: Literal["onecycle", "cosine"] = "onecycle",
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        if schedule not in ("onecycle", "cosine"):
+            raise ValueError(f"`schedule` must be 'onecycle' or 'cosine', got {schedule!r}")
         self.save_hyperparameters()
         self.net = build_backbone(backbone, num_classes, in_channels, cifar_stem)
         if channels_last:
@@ -176,7 +185,17 @@ class ImageClassifier(pl.LightningModule):
             nesterov=True,
         )
         steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=self.hparams["lr"], total_steps=steps, pct_start=0.15
-        )
+        scheduler: torch.optim.lr_scheduler.LRScheduler
+        if self.hparams.get("schedule", "onecycle") == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        else:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.hparams["lr"], total_steps=steps, pct_start=0.15
+            )
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    def finetuning(self, lr: float) -> None:
+        """Set the next fit up as fine-tuning: start at ``lr`` (a fraction of the training
+        rate, e.g. 0.1x) and decay it with no warm-up. Saved with the hyperparameters."""
+        check_finite_float("lr", lr)
+        self.hparams.update(lr=float(lr), schedule="cosine")

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from .pruning import PruneConfig
+from .callback import NAMCallback
+from .models import ImageClassifier
 from .report import PruneReport, count_flops, count_params, measure_latencies
 from .sparsity import scale_factors
 
@@ -114,32 +117,39 @@ def time_side_by_side(
 
 
 def run_pipeline(
-    model: pl.LightningModule,
+    model: ImageClassifier,
     datamodule: pl.LightningDataModule,
     make_trainer: Callable[[str, bool], pl.Trainer],
-    pruning: PruneConfig,
+    finetune_lr: float,
     run_dir: Path,
 ) -> dict[str, Any]:
     """Train with sparsity, prune, fine-tune; measure each stage and write the artifacts.
 
-    ``make_trainer(stage, sparsity)`` builds the Trainer of a stage (``"train"`` with the
-    NAM callback and its penalty, ``"finetune"`` without the penalty).
+    ``make_trainer(stage, sparsity)`` builds the Trainer of a stage: ``"train"`` with a
+    :class:`~nam_lightning.NAMCallback` that prunes when training ends (its ``prune``), and
+    ``"finetune"`` without the penalty. Fine-tuning starts at ``finetune_lr`` with no warm-up.
     """
     batch = example_batch(datamodule)
     gammas_init = _backbone_gammas(model)  # before NAM is injected: the backbone's own
     trainer = make_trainer("train", True)
+    callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+    nam = next(c for c in callbacks if isinstance(c, NAMCallback))
+    keeper = _KeepTrained()
+    callbacks.insert(callbacks.index(nam), keeper)
     trainer.fit(model, datamodule=datamodule)
-    measured = [measure_stage("trained", trainer, model, datamodule, batch)]
-    gammas_trained = _backbone_gammas(model)
-
-    report = pruning.apply(model, batch, measure=False)
+    assert keeper.model is not None and nam.report is not None and nam.pruned_path
+    report = nam.report
+    measured = [measure_stage("trained", trainer, keeper.model, datamodule, batch)]
+    gammas_trained = _backbone_gammas(keeper.model)
     measured.append(measure_stage("pruned", trainer, model, datamodule, batch))
-    trainer.save_checkpoint(run_dir / "pruned.ckpt")
+    if trainer.is_global_zero:
+        shutil.copyfile(nam.pruned_path, run_dir / "pruned.ckpt")
 
+    model.finetuning(finetune_lr)
     finetuner = make_trainer("finetune", False)
     finetuner.fit(model, datamodule=datamodule)
     measured.append(measure_stage("fine-tuned", finetuner, model, datamodule, batch))
-    finetuner.save_checkpoint(run_dir / "finetuned.ckpt")
+    finetuner.save_checkpoint(run_dir / "finetuned.ckpt", weights_only=True)
 
     stages = [stage for stage, _ in measured]
     latencies = time_side_by_side([clone for _, clone in measured], batch)
@@ -152,6 +162,7 @@ def run_pipeline(
         "params_reduction": stages[0].params / stages[-1].params,
         "speedup": stages[0].latency_ms / stages[-1].latency_ms,
         "pruning": report.to_dict(),
+        "lambda": nam.lambda_,
         "batch_shape": list(batch.shape),
     }
     if trainer.is_global_zero:
@@ -162,6 +173,21 @@ def run_pipeline(
         (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
         (run_dir / "report.md").write_text(render_markdown(summary))
     return summary
+
+
+class _KeepTrained(Callback):
+    """Keeps a copy of the trained model as it is when training ends, before the
+    :class:`~nam_lightning.NAMCallback` after it in the list prunes it."""
+
+    def __init__(self) -> None:
+        self.model: pl.LightningModule | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.trainer = None  # not copied along
+        try:
+            self.model = copy.deepcopy(pl_module).cpu()
+        finally:
+            pl_module.trainer = trainer
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -182,7 +208,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"{summary['params_reduction']:.2f}x fewer, latency {_change(summary['speedup'])} "
         f"(batch {batch}, CPU, eval mode, the three models timed in turns).",
         f"Pruning threshold (|gamma|): {_fmt(summary['pruning']['threshold'])}; removed "
-        f"{summary['pruning']['removed_channels']} channels.",
+        f"{summary['pruning']['removed_channels']} channels; final lambda "
+        f"{_fmt(summary.get('lambda'))}.",
     ]
     if "export" in summary:
         lines.append(f"Exported: {summary['export']}")

@@ -248,6 +248,69 @@ def replay_pruning(model: nn.Module, record: dict[str, Any]) -> None:
     attach_record(model)
 
 
+def removal_plan(
+    model: nn.Module, example_inputs: Any, config: PruneConfig
+) -> dict[str, list[int]]:
+    """The channels ``config.apply(model, example_inputs)`` would remove now, without removing
+    them: for each BatchNorm that would lose channels, its weight's name and the indices lost.
+
+    A dry run of the real pruning: every BatchNorm's bias is replaced by its channel indices
+    (the bias takes no part in the ranking, and the surgery cuts it like the weight), the
+    model is pruned, the surviving indices are read back, and the model is restored exactly.
+    """
+    marked: dict[str, _BatchNorm] = {}
+    snapshot = _Snapshot(model)
+    try:
+        for name, module in model.named_modules():
+            if isinstance(module, _BatchNorm) and module.bias is not None:
+                count = module.bias.shape[0]
+                module.bias = nn.Parameter(
+                    torch.arange(count, dtype=torch.float64, device=module.bias.device).to(
+                        module.bias.dtype
+                    ),
+                    requires_grad=False,
+                )
+                marked[name] = module
+        ignored = [_output_layer(model, example_inputs)]
+        amount = config.amount
+        if config.flops_target is not None:
+            flops_before = count_flops(model, example_inputs)
+            amount = _solve_amount(
+                model,
+                example_inputs,
+                config.flops_target,
+                flops_before,
+                _Snapshot(model),
+                config.importance,
+                config.scope,
+                config.max_layer_amount,
+                config.round_to,
+                ignored,
+            )
+        assert amount is not None
+        before = {name: bn.bias for name, bn in marked.items()}
+        _prune(
+            model,
+            example_inputs,
+            amount,
+            config.importance,
+            config.scope,
+            config.max_layer_amount,
+            config.round_to,
+            ignored,
+        )
+        plan = {}
+        for name, bn in marked.items():
+            assert bn.bias is not None
+            kept = {int(i) for i in bn.bias.detach().round().tolist()}
+            lost = [i for i in range(before[name].shape[0]) if i not in kept]
+            if lost:
+                plan[f"{name}.weight" if name else "weight"] = lost
+        return plan
+    finally:
+        snapshot.restore()
+
+
 class _ScaleImportance(tp.importance.Importance):
     """Per-channel ``|gamma|``, the mean over the group's backbone (or NAM) BatchNorms that the
     channel passes through.

@@ -104,3 +104,12 @@ def _check_record(
             f"{'...' if len(our_sites) > 4 else ''}; rebuild it with "
             "nam_lightning.load_checkpoint(), which reads the saved record."
         )
+
+
+def pruning_passes(state_dict: dict[str, Any]) -> int:
+    """How many pruning passes the record in ``state_dict`` (a saved model) describes."""
+    count = 0
+    for key, value in state_dict.items():
+        if key.endswith(RECORD_KEY) and isinstance(value, dict):
+            count = max(count, len((value.get("pruning") or {}).get("passes", [])))
+    return count

@@ -9,7 +9,7 @@ as if ``p * l1_penalty(model)`` had been added to the loss.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -71,7 +71,11 @@ def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
+def add_l1_subgradient_(
+    params: Iterable[torch.Tensor],
+    lambda_: float,
+    masks: Sequence[torch.Tensor] | None = None,
+) -> None:
     """``p.grad += lambda_ * sign(p)`` for every ``p`` that has a gradient, in one pass.
 
     This is the gradient of ``lambda_ * sum |p|`` (``sign(0) = 0``, as autograd's ``abs``).
@@ -80,14 +84,33 @@ def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
     Args:
         params: the scale factors (e.g. :func:`scale_factors`), or one tensor.
         lambda_: the penalty's weight, a finite float >= 0.
+        masks: optional, one tensor of ``p``'s shape per parameter, 1 where the penalty
+            applies and 0 elsewhere: the gradient of ``lambda_ * sum |p * mask|``.
     """
     params = _tensors(params)
     check_finite_float("lambda_", lambda_, zero_ok=True)
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad or lambda_ == 0:
+    if masks is not None and len(masks) != len(params):
+        raise ValueError(
+            f"`masks` must hold one tensor per parameter ({len(params)}), got {len(masks)}"
+        )
+    keep = [i for i, p in enumerate(params) if p.grad is not None]
+    if not keep or lambda_ == 0:
         return
+    with_grad = [params[i] for i in keep]
     grads = [p.grad for p in with_grad if p.grad is not None]
-    torch._foreach_add_(grads, torch._foreach_sign(with_grad), alpha=lambda_)
+    signs = torch._foreach_sign(with_grad)
+    if masks is not None:
+        torch._foreach_mul_(signs, [masks[i] for i in keep])
+    torch._foreach_add_(grads, signs, alpha=lambda_)
+
+
+@torch.no_grad()
+def masked_share(params: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> float:
+    """``sum |p * mask| / sum |p|``: the share of the ``|gamma|`` mass the masked entries hold
+    (0 for parameters that are all zero)."""
+    total = l1_norm(list(params))
+    part = l1_norm(list(torch._foreach_mul([p.detach() for p in params], list(masks))))
+    return float(part / total) if float(total) > 0 else 0.0
 
 
 @torch.no_grad()

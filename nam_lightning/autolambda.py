@@ -1,0 +1,131 @@
+"""Target-driven lambda: a penalty that empties exactly the channels pruning will remove.
+
+A fixed L1 weight must be guessed: too small and the scale factors never become sparse, too
+large and every channel shrinks, the kept ones included, until accuracy collapses. With a
+pruning target known in advance (``PruneConfig(amount=...)`` or ``flops_target=...``) the
+penalty can be aimed instead:
+
+1. Warm-up (``warmup``, a fraction of the training steps): no penalty; the network trains and
+   its BatchNorm scale factors start to say which channels matter.
+2. Plan: the channels that pruning *would* remove now are found by a dry run of the real
+   pruning (same configuration, model restored exactly), again every ``replan`` of the
+   training, so a channel that turns out to matter can leave the set.
+3. Penalty: ``lambda * sign(gamma)`` is added to the gradient of the planned channels' scale
+   factors only; the channels that will be kept train freely.
+4. Control: the planned channels' share of the ``|gamma|`` mass should fall geometrically from
+   its value at the first plan to ``final_share`` by ``settle`` of the training, and stay
+   there. Every optimizer step, lambda is multiplied by ``1 + rate`` while the share lags that
+   schedule and is not catching up (it falls more slowly than the schedule does), divided by
+   ``1 + rate`` while the share is ahead and still falling faster than the schedule, and kept
+   otherwise. Looking at the direction as well as the level keeps lambda from running on
+   while the scale factors, slowed by momentum, are still on their way: a penalty that
+   overshoots empties the channels in a few steps, and the network loses accuracy it must
+   then win back. A wrong start is corrected by a factor of 100 in
+   ``ln(100) / ln(1 + rate)`` steps (95 with the default rate).
+
+The controller below holds only numbers: the callback measures the share and asks it for the
+next lambda. Everything is computed from replicated values (the scale factors are identical on
+every DDP rank), and :meth:`AutoLambda.state_dict` holds all it needs for an exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checks import check_finite_float, check_fraction
+
+
+@dataclass
+class AutoLambda:
+    """Settings and state of the target-driven lambda (``NAMCallback(lambda_="auto")``).
+
+    Attributes:
+        start: lambda at the first plan. A start 100x too small or too large is corrected
+            within about ``ln(100) / ln(1 + rate)`` optimizer steps.
+        rate: relative change of lambda per optimizer step (multiplicative).
+        warmup: fraction of the training steps before the first plan (no penalty).
+        settle: fraction of the training steps by which the planned channels' share of the
+            ``|gamma|`` mass should reach ``final_share``.
+        final_share: the share of the ``|gamma|`` mass left in the planned channels at the end.
+        replan: fraction of the training steps between two plans.
+    """
+
+    start: float = 1e-3
+    rate: float = 0.05
+    warmup: float = 0.1
+    settle: float = 0.7
+    final_share: float = 1e-3
+    replan: float = 0.05
+    # state (not constructor arguments)
+    lambda_: float = field(default=0.0, init=False)
+    first_step: int | None = field(default=None, init=False)
+    first_share: float | None = field(default=None, init=False)
+    last: tuple[int, float] | None = field(default=None, init=False)  # (step, share)
+
+    def __post_init__(self) -> None:
+        check_finite_float("start", self.start)
+        check_finite_float("rate", self.rate)
+        for name in ("warmup", "settle", "final_share", "replan"):
+            check_fraction(name, getattr(self, name))
+        if self.warmup >= self.settle:
+            raise ValueError(
+                f"`warmup` ({self.warmup}) must be smaller than `settle` ({self.settle}): the "
+                "penalty needs steps between the first plan and the end of its schedule"
+            )
+        self.lambda_ = float(self.start)
+
+    def plan_due(self, step: int, total_steps: int, last_plan: int | None) -> bool:
+        """Whether a (new) plan of the channels to remove is due before optimizer step
+        ``step`` (0-based) of ``total_steps``."""
+        if step < round(self.warmup * total_steps):
+            return False
+        if last_plan is None:
+            return True
+        return step - last_plan >= max(1, round(self.replan * total_steps))
+
+    def target_share(self, step: int, total_steps: int) -> float:
+        """The share of the ``|gamma|`` mass the planned channels should hold at ``step``."""
+        if self.first_step is None or self.first_share is None:
+            return math.inf
+        end = max(self.first_step + 1, round(self.settle * total_steps))
+        progress = min(1.0, (step - self.first_step) / (end - self.first_step))
+        first = max(self.first_share, self.final_share)
+        return first * (self.final_share / first) ** progress
+
+    def update(self, share: float, step: int, total_steps: int) -> float:
+        """Take the planned channels' current share of the mass; return lambda for this step.
+
+        The first call fixes the start of the schedule and returns ``start`` unchanged.
+        """
+        if self.first_step is None:
+            self.first_step, self.first_share = step, share
+        else:
+            target = self.target_share(step, total_steps)
+            lagging = share > target
+            falling_fast = False
+            if self.last is not None and self.last[0] < step and self.last[1] > 0:
+                scheduled = target / self.target_share(self.last[0], total_steps)
+                falling_fast = share / self.last[1] < scheduled
+            if lagging and not falling_fast:
+                self.lambda_ *= 1 + self.rate
+            elif not lagging and falling_fast:
+                self.lambda_ /= 1 + self.rate
+        self.last = (step, share)
+        return self.lambda_
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lambda_": self.lambda_,
+            "first_step": self.first_step,
+            "first_share": self.first_share,
+            "last": None if self.last is None else list(self.last),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lambda_ = float(state["lambda_"])
+        self.first_step = state["first_step"]
+        self.first_share = state["first_share"]
+        last = state.get("last")
+        self.last = None if last is None else (int(last[0]), float(last[1]))

@@ -1,0 +1,112 @@
+"""The target-driven lambda controller and the masked penalty, against references written here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nam_lightning import AutoLambda
+from nam_lightning.sparsity import add_l1_subgradient_, masked_share
+
+TOTAL = 400
+
+
+def test_schedule_falls_geometrically_from_the_first_share_to_the_final_one() -> None:
+    auto = AutoLambda(warmup=0.1, settle=0.7, final_share=1e-3)
+    assert auto.target_share(40, TOTAL) == math.inf  # before the first plan: no target
+    auto.update(0.4, 40, TOTAL)
+    end = round(0.7 * TOTAL)
+    for step in (40, 100, 200, end, end + 50):
+        progress = min(1.0, (step - 40) / (end - 40))
+        expected = 0.4 * (1e-3 / 0.4) ** progress
+        assert auto.target_share(step, TOTAL) == pytest.approx(expected, rel=1e-12)
+
+
+def test_lambda_moves_by_the_rate_towards_the_schedule() -> None:
+    auto = AutoLambda(start=1e-3, rate=0.1)
+    assert auto.update(0.5, 10, TOTAL) == 1e-3  # the first call only starts the schedule
+    target = auto.target_share(11, TOTAL)
+    assert auto.update(target * 2, 11, TOTAL) == pytest.approx(1.1e-3)  # lagging: up
+    assert auto.update(0.0, 12, TOTAL) == pytest.approx(1e-3)  # ahead: down
+
+
+def toy_training(auto: AutoLambda) -> tuple[list[float], list[float]]:
+    """A stand-in for the planned channels' mass: the penalty shrinks it by lr * lambda per
+    step, the loss pulls it back towards its starting value; the share is mass / (mass + 1)."""
+    mass, shares, lambdas = 1.0, [], []
+    for step in range(TOTAL):
+        if step < round(auto.warmup * TOTAL):
+            continue
+        share = mass / (mass + 1.0)
+        lam = auto.update(share, step, TOTAL)
+        mass = max(0.0, mass - 2.0 * lam + 0.01 * (1.0 - mass) * share)
+        shares.append(share)
+        lambdas.append(lam)
+    return shares, lambdas
+
+
+@pytest.mark.parametrize("start", [1e-5, 1e-3, 1e-1])  # 100x too small, default, 100x too large
+def test_a_start_100x_off_still_reaches_the_final_share(start: float) -> None:
+    auto = AutoLambda(start=start)
+    shares, _ = toy_training(auto)
+    settle = round(auto.settle * TOTAL) - round(auto.warmup * TOTAL)
+    assert max(shares[settle:]) <= 2 * auto.final_share
+
+
+def test_state_dict_resumes_exactly() -> None:
+    shares = [0.5, 0.4, 0.3, 0.35, 0.2, 0.1]
+    running = AutoLambda(start=1e-4)
+    for step, share in enumerate(shares[:3]):
+        running.update(share, 100 + step, TOTAL)
+    resumed = AutoLambda(start=1e-4)
+    resumed.load_state_dict(running.state_dict())
+    for step, share in enumerate(shares[3:], start=3):
+        assert resumed.update(share, 100 + step, TOTAL) == running.update(share, 100 + step, TOTAL)
+    assert resumed.state_dict() == running.state_dict()
+
+
+def test_plans_start_after_the_warmup_and_repeat() -> None:
+    auto = AutoLambda(warmup=0.1, replan=0.05)
+    assert not auto.plan_due(39, TOTAL, None)
+    assert auto.plan_due(40, TOTAL, None)
+    assert not auto.plan_due(59, TOTAL, 40)
+    assert auto.plan_due(60, TOTAL, 40)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"start": 0.0}, ValueError, "`start`"),
+        ({"rate": -1.0}, ValueError, "`rate`"),
+        ({"warmup": 1.5}, ValueError, "`warmup`"),
+        ({"final_share": "x"}, TypeError, "`final_share`"),
+        ({"warmup": 0.8, "settle": 0.7}, ValueError, "`warmup`"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        AutoLambda(**kwargs)
+
+
+def test_masked_subgradient_is_the_gradient_of_the_masked_l1() -> None:
+    params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
+    masks = [torch.tensor([1.0, 0, 1, 0, 0]), torch.tensor([0.0, 1, 1])]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    expected = []
+    for p, m in zip(params, masks, strict=True):
+        q = p.detach().clone().requires_grad_()
+        (0.3 * (q * m).abs().sum()).backward()
+        assert p.grad is not None and q.grad is not None
+        expected.append(p.grad + q.grad)
+    add_l1_subgradient_(params, 0.3, masks)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_masked_share_is_the_masked_part_of_the_l1_mass() -> None:
+    params = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-4.0])]
+    masks = [torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0])]
+    assert masked_share(params, masks) == pytest.approx(6.0 / 10.0)
