@@ -34,7 +34,7 @@ from .attention import NAMSite
 from .checks import check_bool, check_finite_float
 from .inject import Sites, check_sites, inject_nam, resolve_sites
 from .pruning import PruneConfig
-from .record import PRUNING_ATTR
+from .record import pruning_passes
 from .report import PruneReport
 from .sparsity import (
     Targets,
@@ -227,8 +227,8 @@ class NAMCallback(Callback):
         elif isinstance(example, tuple):
             example = tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
         self.report = self.prune.apply(pl_module, example)
-        record = vars(pl_module)[PRUNING_ATTR]["passes"][-1]["history"]
-        digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
+        history = pruning_passes(pl_module)[-1].history
+        digest = hashlib.sha256(json.dumps(history).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)
         if not trainer.strategy.reduce_boolean_decision(agreed, all=True):
             raise RuntimeError(
