@@ -38,7 +38,7 @@ from .autolambda import AutoLambda
 from .checks import check_bool, check_finite_float
 from .inject import Sites, check_sites, inject_nam, resolve_sites
 from .pruning import PruneConfig, removal_plan
-from .record import PRUNING_ATTR, pruning_passes
+from .record import pruning_passes, saved_pruning_passes
 from .report import PruneReport
 from .sparsity import (
     Targets,
@@ -283,8 +283,8 @@ class NAMCallback(Callback):
             return
         self._check_finite(pl_module)
         self.report = self.prune.apply(pl_module, self._example_batch(pl_module))
-        record = vars(pl_module)[PRUNING_ATTR]["passes"][-1]["history"]
-        digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
+        history = pruning_passes(pl_module)[-1].history
+        digest = hashlib.sha256(json.dumps(history).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)
         if not trainer.strategy.reduce_boolean_decision(agreed, all=True):
             raise RuntimeError(
@@ -342,7 +342,7 @@ class NAMCallback(Callback):
     ) -> None:
         if trainer.state.fn != TrainerFn.FITTING or not checkpoint.get("state_dict"):
             return
-        if pruning_passes(checkpoint["state_dict"]) and not checkpoint.get("optimizer_states"):
+        if saved_pruning_passes(checkpoint["state_dict"]) and not checkpoint.get("optimizer_states"):
             raise RuntimeError(
                 "NAMCallback: this checkpoint holds a model pruned at the end of training, "
                 "without optimizer state (the old state had the unpruned shapes), so training "

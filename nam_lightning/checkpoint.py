@@ -8,6 +8,7 @@ record stored in the state dict (see :mod:`nam_lightning.record`), and then load
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import os
@@ -17,9 +18,10 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from .inject import _read_channels, apply_plan
+from .checks import check_module
+from .inject import apply_plan, read_channels
 from .pruning import replay_pruning
-from .record import RECORD_FORMAT, RECORD_KEY
+from .record import RECORD_KEY, read_record
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -68,7 +70,7 @@ def load_checkpoint(
             f"{cls.__name__}: the keyword arguments of load_checkpoint override the saved "
             f"hyperparameters and must be among {accepted}."
         )
-    checkpoint = read_checkpoint(path, map_location)
+    checkpoint = _read_checkpoint(path, map_location)
     name = os.fspath(path)
     hparams_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
     saved = checkpoint.get(hparams_key) or {}
@@ -92,7 +94,7 @@ def load_checkpoint(
         hooks.configure_model()
     state_dict = checkpoint["state_dict"]
     try:
-        rebuild(model, state_dict)
+        _rebuild(model, state_dict)
     except ValueError as err:
         raise ValueError(f"Cannot load {name!r}: {err}") from err
     except Exception as err:  # a record that does not fit this class's modules
@@ -113,7 +115,7 @@ def load_checkpoint(
     return model
 
 
-def read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+def _read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with clear errors for missing or foreign files."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
@@ -161,14 +163,13 @@ def _check_map_location(map_location: Any) -> None:
         raise ValueError(f"`map_location` {map_location!r} is not a device: {err}") from err
 
 
-def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
+def _rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
     """Reapply to ``model`` the changes recorded in ``state_dict``: NAM sites, then pruning."""
-    for key, record in state_dict.items():
+    for key, stored in state_dict.items():
         if not key.endswith(RECORD_KEY):
             continue
         prefix = key[: -len(RECORD_KEY)]
-        if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-            raise ValueError(f"State-dict entry {key!r} is not a nam_lightning record we can read")
+        record = read_record(stored, key)
         try:
             root = model.get_submodule(prefix.rstrip("."))
         except AttributeError as err:
@@ -177,7 +178,7 @@ def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
                 f"{type(model).__name__} does not have: it comes from another architecture."
             ) from err
         plan = {}
-        for site, spec in record["nam_sites"].items():
+        for site, spec in record.nam.items():
             try:
                 root.get_submodule(site)
             except AttributeError as err:
@@ -186,15 +187,13 @@ def rebuild(model: nn.Module, state_dict: dict[str, Any]) -> None:
                     f"{type(model).__name__} does not have: it comes from another architecture."
                 ) from err
             try:
-                channels = _read_channels(root, site)
+                channels = read_channels(root, site)
             except ValueError:
                 channels = int(state_dict[f"{prefix}{site}.nam.channel.bn.weight"].shape[0])
-            plan[site] = {**spec, "channels": channels}
-            if spec["spatial_size"] is not None:
-                plan[site]["spatial_size"] = tuple(spec["spatial_size"])
+            plan[site] = {**dataclasses.asdict(spec), "channels": channels}
         apply_plan(root, plan)
-        if record.get("pruning"):
-            replay_pruning(root, record["pruning"])
+        if record.pruning:
+            replay_pruning(root, record.pruning)
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike[str], **extra: Any) -> None:
@@ -211,8 +210,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike[str], **extra: Any) ->
         FileNotFoundError / IsADirectoryError: ``path``'s folder does not exist / ``path`` is
             a folder. Nothing is written then.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    check_module("model", model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)

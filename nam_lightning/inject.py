@@ -20,7 +20,7 @@ from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, r
 from .attention import NAM, NAMSite
 from .checks import check_bool, check_finite_float
 from .record import attach_record
-from .report import as_args, eval_mode
+from .utils import as_args, eval_mode
 
 Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -114,7 +114,7 @@ def inject_nam(
     shapes = _probe_shapes(model, new, example_inputs) if example_inputs is not None else {}
     plan = {}
     for name in new:
-        channels = shapes[name][0] if name in shapes else _read_channels(model, name)
+        channels = shapes[name][0] if name in shapes else read_channels(model, name)
         spatial_size = tuple(shapes[name][1:]) if spatial else None
         plan[name] = {
             "channels": channels,
@@ -283,7 +283,7 @@ def _auto_sites(model: nn.Module) -> list[str]:
     return names
 
 
-def _read_channels(model: nn.Module, name: str) -> int:
+def read_channels(model: nn.Module, name: str) -> int:
     module = model.get_submodule(name)
     if isinstance(module, _BatchNorm):
         return int(module.num_features)

@@ -12,27 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
-class eval_mode:
-    """Eval mode, no gradients, and every module's training flag restored afterwards."""
-
-    def __init__(self, model: nn.Module, grad: bool = False) -> None:
-        self.model = model
-        self.grad = torch.enable_grad() if grad else torch.no_grad()
-
-    def __enter__(self) -> None:
-        self.flags = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        self.grad.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.grad.__exit__(*exc)
-        for module, flag in self.flags.items():
-            module.training = flag
+from .utils import as_args, eval_mode
 
 
 def count_params(model: nn.Module) -> int:

@@ -23,13 +23,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from helpers import assert_unchanged, hooks, randomise_bns, snapshot
 from lightning_helpers import (
     Classifier,
     ConfigureModelClassifier,
     Tiny,
     trainer_kwargs,
 )
-from test_pruning import randomise_bns
 from torch import nn
 
 import nam_lightning.checkpoint
@@ -64,58 +64,6 @@ def resnet(nam: bool = False, spatial: bool = False) -> nn.Module:
     if nam:
         inject_nam(model, spatial=spatial, example_inputs=X if spatial else None)
     return randomise_bns(model)
-
-
-def hooks(module: nn.Module) -> tuple[int, ...]:
-    return (
-        len(module._forward_hooks),
-        len(module._forward_pre_hooks),
-        len(module._state_dict_hooks),
-        len(module._load_state_dict_pre_hooks),
-    )
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    with torch.no_grad():
-        flags = {n: m.training for n, m in model.named_modules()}
-        output = model.eval()(X)
-        for name, m in model.named_modules():
-            m.training = flags[name]
-    return {
-        "repr": repr(model),
-        "types": [(n, type(m)) for n, m in model.named_modules()],
-        "modules": dict(model.named_modules()),
-        "params": dict(model.named_parameters()),
-        "buffers": dict(model.named_buffers()),
-        "state": {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()},
-        "training": flags,
-        "hooks": {n: hooks(m) for n, m in model.named_modules()},
-        "attrs": sorted(vars(model)),
-        "output": output,
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    assert after["repr"] == before["repr"]
-    assert after["types"] == before["types"]
-    # the very same objects: an optimizer or a reference held elsewhere stays valid
-    assert after["modules"].keys() == before["modules"].keys()
-    assert all(after["modules"][k] is m for k, m in before["modules"].items())
-    assert after["params"].keys() == before["params"].keys()
-    assert all(after["params"][k] is p for k, p in before["params"].items())
-    assert after["buffers"].keys() == before["buffers"].keys()
-    assert all(after["buffers"][k] is b for k, b in before["buffers"].items())
-    assert list(after["state"]) == list(before["state"])
-    for key, value in before["state"].items():
-        if torch.is_tensor(value):
-            assert torch.equal(after["state"][key], value), key
-        else:
-            assert after["state"][key] == value, key
-    assert after["training"] == before["training"]
-    assert after["hooks"] == before["hooks"]
-    assert after["attrs"] == before["attrs"]
-    assert torch.equal(after["output"], before["output"])
 
 
 # --- ways to fail partway -------------------------------------------------------------------
@@ -158,6 +106,25 @@ def fail_on_call(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str, at: int
     return calls
 
 
+def swap_fails_then_works(
+    monkeypatch: pytest.MonkeyPatch,
+    model: nn.Module,
+    operation: Callable[[nn.Module], Any],
+    is_swap: Callable[[nn.Module, str, Any], bool],
+    at: int,
+) -> Any:
+    """Run ``operation(model)`` with its ``at``-th swap failing: the swaps made before it are
+    undone, and the model is as it was; then run it again, undisturbed, and return its result."""
+    before = snapshot(model, X)
+    done = fail_on_swap(monkeypatch, is_swap, at=at)
+    with pytest.raises(Interrupted):
+        operation(model)
+    assert len(done) == at - 1
+    monkeypatch.undo()
+    assert_unchanged(model, before)
+    return operation(model)
+
+
 def putting_nam_in(module: nn.Module, name: str, value: Any) -> bool:
     return isinstance(value, NAMSite)
 
@@ -178,7 +145,7 @@ def test_inject_failing_at_the_second_swap_restores_the_first(
     monkeypatch: pytest.MonkeyPatch, error: type[BaseException]
 ) -> None:
     model = resnet()
-    before = snapshot(model)
+    before = snapshot(model, X)
     done = fail_on_swap(monkeypatch, putting_nam_in, at=2, error=error)
     with pytest.raises(error, match="swap 2"):
         inject_nam(model)
@@ -190,7 +157,7 @@ def test_inject_failing_at_the_second_swap_restores_the_first(
 
 def test_inject_failing_while_building_nam_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     model = resnet()
-    before = snapshot(model)
+    before = snapshot(model, X)
     calls = fail_on_call(monkeypatch, nam_lightning.inject, "NAM", at=3)
     with pytest.raises(Interrupted):
         inject_nam(model)
@@ -202,7 +169,7 @@ def test_inject_failing_while_building_nam_changes_nothing(monkeypatch: pytest.M
 def test_inject_failing_during_the_shape_probe_changes_nothing() -> None:
     model = resnet()
     model.layer2.eval()  # mixed training flags must come back as they were
-    before = snapshot(model)
+    before = snapshot(model, X)
 
     def fail(*args: Any) -> None:
         raise Interrupted("forward failed in layer3")
@@ -220,7 +187,7 @@ def test_inject_failing_while_attaching_the_record_undoes_every_swap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = resnet()
-    before = snapshot(model)
+    before = snapshot(model, X)
     # the state-dict hook is registered, the load hook then fails
     fail_on_call(monkeypatch, nn.Module, "register_load_state_dict_pre_hook", at=1)
     with pytest.raises(Interrupted):
@@ -236,14 +203,7 @@ def test_remove_failing_at_the_third_site_puts_the_first_two_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = resnet(nam=True)
-    before = snapshot(model)
-    done = fail_on_swap(monkeypatch, taking_nam_out, at=3)
-    with pytest.raises(Interrupted):
-        remove_nam(model)
-    assert len(done) == 2
-    monkeypatch.undo()
-    assert_unchanged(model, before)
-    assert remove_nam(model) == 8
+    assert swap_fails_then_works(monkeypatch, model, remove_nam, taking_nam_out, at=3) == 8
 
 
 # --- fold_nam -------------------------------------------------------------------------------
@@ -254,19 +214,12 @@ def test_fold_failing_at_the_second_swap_restores_the_first(
     monkeypatch: pytest.MonkeyPatch, spatial: bool
 ) -> None:
     model = resnet(nam=True, spatial=spatial).eval()
-    before = snapshot(model)
-    done = fail_on_swap(monkeypatch, putting_folded_in, at=2)
-    with pytest.raises(Interrupted):
-        fold_nam(model)
-    assert len(done) == 1
-    monkeypatch.undo()
-    assert_unchanged(model, before)
-    assert fold_nam(model) == 8
+    assert swap_fails_then_works(monkeypatch, model, fold_nam, putting_folded_in, at=2) == 8
 
 
 def test_fold_failing_while_folding_a_site_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     model = resnet(nam=True).eval()
-    before = snapshot(model)
+    before = snapshot(model, X)
     fail_on_call(monkeypatch, nam_lightning.fold, "_fold_site", at=5)
     with pytest.raises(Interrupted):
         fold_nam(model)
@@ -288,7 +241,7 @@ def test_callback_injection_failing_partway_leaves_the_module_unchanged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = Classifier()
-    before = snapshot(model)
+    before = snapshot(model, X)
     done = fail_on_swap(monkeypatch, putting_nam_in, at=2)
     with pytest.raises(Interrupted):
         fit(model, NAMCallback(spatial=True))
@@ -318,7 +271,7 @@ def test_callback_refusing_targets_leaves_the_module_unchanged() -> None:
         nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(8, 10),
     )  # fmt: skip
-    before = snapshot(model)
+    before = snapshot(model, X)
     with pytest.raises(ValueError, match="`targets='bn'` selects no BatchNorm scale factor"):
         fit(model, NAMCallback(targets="bn", sites=["net.0"]))
     assert_unchanged(model, before)
@@ -430,6 +383,6 @@ def test_save_pruned_failing_leaves_no_partial_file(
 
 def test_save_pruned_does_not_touch_the_model(tmp_path: Path) -> None:
     model = resnet(nam=True)
-    before = snapshot(model)
+    before = snapshot(model, X)
     save_pruned(model, tmp_path / "m.pt")
     assert_unchanged(model, before)

@@ -18,35 +18,23 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from helpers import Net, randomise_bns
 from lightning_helpers import Classifier, tensors, trainer_kwargs
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.models.resnet import BasicBlock
 
-from nam_lightning import NAMCallback, inject_nam, load_checkpoint, prune_channels, save_pruned
+from nam_lightning import (
+    NAMCallback,
+    NAMSite,
+    inject_nam,
+    load_checkpoint,
+    prune_channels,
+    save_pruned,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ROOT = TESTS_DIR.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Net(torchvision.models.ResNet):
-    """A resnet18 as a class of its own, so that a checkpoint can name it."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-
-
-@torch.no_grad()
-def randomise_gammas(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            m.weight.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.5)
-            m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model
 
 
 def pruned_net(
@@ -56,7 +44,7 @@ def pruned_net(
     model = Net()
     x = torch.randn(2, 3, 32, 32)
     inject_nam(model, spatial=spatial, example_inputs=x)
-    randomise_gammas(model)
+    randomise_bns(model)
     for amount in passes:
         prune_channels(model, x, amount, measure=False)
     return model, x
@@ -68,7 +56,7 @@ LOADER = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from lightning_helpers import Classifier
-from test_checkpoint import Net
+from helpers import Net
 from nam_lightning import load_checkpoint
 jobs = json.load(open(sys.argv[2]))
 results = {}
@@ -176,6 +164,20 @@ def test_load_checkpoint_in_process_matches_and_overrides(saved: dict[str, Any])
     assert all(torch.equal(weights[k], full[k]) for k in full)
 
 
+def test_record_written_before_the_fuse_flag_loads(saved: dict[str, Any], tmp_path: Path) -> None:
+    """Records of NAM sites written before NAMSite had ``fuse`` hold no "fuse" entry: those
+    sites are built fused, as they ran then."""
+    checkpoint = torch.load(saved["dir"] / "save_pruned.pt", weights_only=True)
+    for spec in checkpoint["state_dict"]["_nam_lightning"]["nam_sites"].values():
+        del spec["fuse"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    loaded = load_checkpoint(Net, tmp_path / "old.pt").eval()
+    assert all(m.fuse for m in loaded.modules() if isinstance(m, NAMSite))
+    x = torch.load(saved["dir"] / "save_pruned_x.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), saved["expected"]["save_pruned"][0])
+
+
 def test_plain_load_state_dict_points_to_load_checkpoint(saved: dict[str, Any]) -> None:
     state = torch.load(saved["dir"] / "save_pruned.pt", weights_only=True)["state_dict"]
     fresh = Net()
@@ -213,7 +215,7 @@ def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     torch.manual_seed(0)
     other = torchvision.models.resnet34(num_classes=10)
     inject_nam(other)
-    randomise_gammas(other)
+    randomise_bns(other)
     prune_channels(other, torch.randn(1, 3, 32, 32), 0.3, measure=False)
     save_pruned(other, tmp_path / "resnet34.pt")
     with pytest.raises(ValueError, match=r"NAM at 'layer1\.2\.bn2', which Net does not have"):

@@ -302,11 +302,11 @@ def test_fuse_flag_travels_through_injection_and_the_record() -> None:
     import torchvision
 
     from nam_lightning import inject_nam
-    from nam_lightning.record import nam_sites
+    from nam_lightning.record import nam_specs
 
     model = torchvision.models.resnet18(num_classes=10)
     inject_nam(model, fuse=False)
-    assert all(spec["fuse"] is False for spec in nam_sites(model).values())
+    assert all(spec.fuse is False for spec in nam_specs(model).values())
     assert not any(m.fuse for m in model.modules() if isinstance(m, NAMSite))
 
 

@@ -28,15 +28,15 @@ from typing import Any, Literal
 import pytest
 import torch
 import torch_pruning as tp
+from helpers import assert_unchanged, conv_channels, nam_bns, randomise_bns, snapshot
 from hypothesis import HealthCheck, assume, event, example, given, note, settings
 from hypothesis import strategies as st
-from test_pruning import assert_unchanged, conv_channels, nam_bns, randomise_bns, snapshot
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nam_lightning import NAM, NAMChannelAttention, inject_nam, l1_penalty, prune_channels
-from nam_lightning.pruning import _ScaleImportance
 from nam_lightning.report import count_params, layer_channels
+from nam_lightning.surgery import ScaleImportance
 
 settings.register_profile(
     "ci",
@@ -644,7 +644,7 @@ def coupled_groups(model: GeneratedNet, x: torch.Tensor) -> list[CoupledGroup]:
         if isinstance(unit, ConvUnit)
     }
     names = {id(m): n for n, m in clone.named_modules()}
-    scorer = _ScaleImportance(clone, use_nam=False)
+    scorer = ScaleImportance(clone, use_nam=False)
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
             clone.eval(),

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch_pruning as tp
 import torchvision
+from helpers import assert_unchanged, conv_channels, nam_bns, randomise_bns, snapshot
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.shufflenetv2 import InvertedResidual
@@ -31,7 +32,6 @@ from nam_lightning import (
     prune_channels,
     save_pruned,
 )
-from nam_lightning.record import PRUNING_ATTR
 from nam_lightning.report import count_flops, count_params
 
 ZERO = 4  # channels [0, ZERO) of every backbone BatchNorm carry nothing
@@ -47,32 +47,9 @@ def build(name: str, nam: bool = False) -> nn.Module:
     return model
 
 
-def nam_bns(model: nn.Module) -> set[int]:
-    return {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
-
-
 def backbone_bns(model: nn.Module) -> list[_BatchNorm]:
     skip = nam_bns(model)
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in skip]
-
-
-@torch.no_grad()
-def randomise_bns(model: nn.Module, zero: int = 0, seed: int = 0) -> nn.Module:
-    """Random affine parameters and statistics in every BatchNorm (NAM's too); then gamma and
-    beta of channels ``[0, zero)`` set to 0 in every backbone BatchNorm (not NAM's)."""
-    g = torch.Generator().manual_seed(seed)
-    skip = nam_bns(model)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-            m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            if zero and id(m) not in skip:
-                m.weight[:zero] = 0
-                m.bias[:zero] = 0
-    return model
 
 
 def last_linear(model: nn.Module) -> nn.Module:
@@ -92,46 +69,6 @@ def prunable(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     )
     return pruner.initial_total_channels, len(list(groups))
-
-
-def conv_channels(model: nn.Module) -> dict[str, int]:
-    return {
-        n: m.out_channels
-        for n, m in model.named_modules()
-        if isinstance(m, nn.modules.conv._ConvNd)
-    }
-
-
-def snapshot(model: nn.Module) -> dict[str, Any]:
-    """Everything that must survive a failed or rejected pruning call untouched."""
-    return {
-        "repr": repr(model),
-        "state": {
-            k: v.detach().clone() for k, v in model.state_dict().items() if torch.is_tensor(v)
-        },
-        "params": dict(model.named_parameters()),
-        "buffers": dict(model.named_buffers()),
-        "modules": dict(model.named_modules()),
-        "training": {n: m.training for n, m in model.named_modules()},
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
-    after = snapshot(model)
-    assert after["repr"] == before["repr"]
-    assert after["state"].keys() == before["state"].keys()
-    for key, value in before["state"].items():
-        assert after["state"][key].shape == value.shape, key
-        assert torch.equal(after["state"][key], value), key
-    # the very same objects: an optimizer holding them would still be valid
-    assert after["params"].keys() == before["params"].keys()
-    assert all(after["params"][k] is p for k, p in before["params"].items())
-    assert after["buffers"].keys() == before["buffers"].keys()
-    assert all(after["buffers"][k] is b for k, b in before["buffers"].items())
-    assert after["modules"].keys() == before["modules"].keys()
-    assert all(after["modules"][k] is m for k, m in before["modules"].items())
-    assert after["training"] == before["training"]
-    assert PRUNING_ATTR not in vars(model)
 
 
 # --- 1. surgery exactness -------------------------------------------------------------------
@@ -478,7 +415,7 @@ FRACTION = r"must be a fraction in \(0, 1\), got "
         ({"model": "x"}, TypeError, "`model` must be a torch.nn.Module, got str"),
         ({"example_inputs": "x"}, TypeError, "`example_inputs` must be a tensor or a tuple"),
         ({"ignored_layers": ["fc"]}, TypeError, "`ignored_layers` must hold torch.nn.Module"),
-        ({"measure": "yes"}, TypeError, "`measure` must be a bool, got str"),
+        ({"measure": "yes"}, TypeError, r"`measure` must be a bool \(True or False\), got 'yes'"),
     ],
 )
 def test_bad_arguments_are_rejected_before_any_work(

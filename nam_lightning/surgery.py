@@ -1,0 +1,407 @@
+"""The adapter to Torch-Pruning 1.6.1, the only module that imports ``torch_pruning``.
+
+Torch-Pruning traces a model's dependency graph (which layers are coupled: residual additions,
+concatenations, depthwise and grouped convolutions) and removes channels physically. This
+module runs one pruning pass with it (:func:`prune_pass`), ranking channels by BatchNorm scale
+factors (:class:`ScaleImportance`), and replays a recorded pass on a freshly built model
+(:func:`replay`). What to remove, and how much, is decided by :mod:`nam_lightning.pruning`.
+
+Gaps of Torch-Pruning 1.6.1 mended here, each where it is mended:
+
+1. ``chunk`` and ``split`` with an int: the piece sizes are looked up under an attribute name
+   older torch versions used, then guessed from the consumers, wrongly when a piece goes
+   straight into a concatenation (ShuffleNet V2's blocks). They are read from the autograd node
+   instead (:func:`_traceable`, :func:`_split_sizes_from_autograd`).
+2. A reshape that permutes channels (ShuffleNet's channel shuffle): the index mapping cannot
+   express it and divides by zero, or passes the indices through unchanged, which would cut
+   the wrong channels. Such reshapes become barriers, and every channel group crossing one is
+   kept whole (:func:`_traceable`, :func:`_crossing`).
+3. Group importance: its mean is sized by the group's first BatchNorm and divided by the
+   number of BatchNorms, wrong (or an IndexError) where a concatenation gives a BatchNorm only
+   part of the root's channels. :class:`ScaleImportance` means per root channel.
+4. Ties at the threshold: every channel scoring <= the threshold goes; tied scores (a fresh
+   model, every gamma 1) make that a whole layer, which is then refused, so nothing is pruned.
+   :meth:`ScaleImportance.ranked` breaks exact ties by channel position.
+5. Grouped convolutions: the chosen indices are repeated per channel group of the group's
+   most-grouped conv, right only in some layouts, and a conv with ``groups == out_channels``
+   is cut like a depthwise one even when ``in_channels`` is larger. Groups that would be cut
+   inconsistently are left whole (:func:`_cuttable`).
+6. Per-layer limits: the global threshold can empty a layer, ``check_pruning_group`` then
+   drops the whole group, and ``max_pruning_ratio`` is not held for every layer of a group.
+   Each group is trimmed first (:func:`_cap`), then checked (the replaced
+   ``check_pruning_group`` in :func:`prune_pass`).
+7. No public API gives the channel groups of a grouped conv: ``BasePruner._get_channel_groups``
+   is used (:func:`_cap`, :func:`prune_pass`).
+
+Not a gap of Torch-Pruning, but of tracing NAM: the spatial attention's BatchNorm sees the
+channels folded into the batch by a reshape; it is taken out while tracing
+(:func:`_without_spatial_attention`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch_pruning.dependency import index_mapping
+
+from .attention import NAM, NAMChannelAttention
+from .record import HistoryStep
+from .utils import as_args, eval_mode
+
+
+class PassSettings(Protocol):
+    """How a pass chooses channels (:class:`nam_lightning.PruneConfig` is one)."""
+
+    @property
+    def importance(self) -> str: ...  # "bn" or "nam"
+    @property
+    def scope(self) -> str: ...  # "global" or "local"
+    @property
+    def max_layer_amount(self) -> float: ...
+    @property
+    def round_to(self) -> int | None: ...
+
+
+class PassResult(NamedTuple):
+    """What one pruning pass did."""
+
+    history: tuple[HistoryStep, ...]  # every cut, in order, for replay
+    threshold: float | None  # the largest importance among the removed channels
+    removed: int  # channels removed, counted at each group's root layer
+
+
+def prune_pass(
+    model: nn.Module,
+    example_inputs: Any,
+    amount: float,
+    settings: PassSettings,
+    ignored: Sequence[nn.Module],
+) -> PassResult:
+    """Remove ``amount`` of the prunable channels of ``model`` in place, never those of the
+    ``ignored`` layers (see :func:`nam_lightning.prune_channels` for the settings). On an error
+    the model may be half cut: the caller restores it."""
+    max_layer_amount, round_to = settings.max_layer_amount, settings.round_to
+    with _without_spatial_attention(model), _traceable() as barriers:
+        scorer = ScaleImportance(model, use_nam=settings.importance == "nam")
+        nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
+
+        def build(ignored: list[nn.Module]) -> Any:
+            # tracing needs autograd; eval mode keeps the BatchNorm statistics still
+            with eval_mode(model, grad=True):
+                return tp.pruner.BasePruner(
+                    model,
+                    as_args(example_inputs),
+                    importance=scorer.ranked,
+                    global_pruning=settings.scope == "global",
+                    pruning_ratio=amount,
+                    max_pruning_ratio=max_layer_amount,
+                    round_to=round_to,
+                    ignored_layers=ignored,
+                )
+
+        try:
+            pruner = build(list(ignored))
+            if barriers:  # once more, with the layers whose channels cross a barrier kept whole
+                pruner = build([*ignored, *_crossing(pruner, barriers)])
+        except (ZeroDivisionError, IndexError, KeyError) as err:
+            raise ValueError(
+                "Torch-Pruning could not trace the channel dependencies of "
+                f"{type(model).__name__} ({type(err).__name__}: {err})."
+            ) from err
+        threshold: float | None = None
+        removed = 0
+        # Torch-Pruning drops a group that would lose every channel before we see it; let it
+        # through so that _cap trims it to max_layer_amount, and check validity after the trim.
+        check = pruner.DG.check_pruning_group
+        pruner.DG.check_pruning_group = lambda group: True
+        for group in pruner.step(interactive=True):
+            group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
+            if group is None or not check(group):
+                continue
+            idxs = [int(i) for i in group[0][1]]
+            if not idxs:
+                continue
+            if scores is not None:
+                # grouped convolutions rank a channel by its mean over the channel groups
+                per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)
+                top = float(per_base[[i % len(per_base) for i in idxs]].max())
+                threshold = top if threshold is None else max(threshold, top)
+            removed += len(idxs)
+            # Here every layer the group cuts and the channels it loses are known:
+            # ``(dep.layer, dep.handler, idxs) for dep, idxs in group``.
+            _keep_pruned_nam_mass(group, nam_of_bn)
+            group.prune()
+        history = tuple(
+            (str(name), bool(out), tuple(int(i) for i in idxs))
+            for name, out, idxs in pruner.pruning_history()
+        )
+        return PassResult(history, threshold, removed)
+
+
+def replay(model: nn.Module, history: Sequence[HistoryStep], input_shapes: Sequence[Any]) -> None:
+    """Cut ``model`` as ``history`` says, tracing it on zeros of ``input_shapes``."""
+    inputs = tuple(torch.zeros(tuple(shape)) for shape in input_shapes)
+    with _without_spatial_attention(model), _traceable():
+        with eval_mode(model, grad=True):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
+        graph.load_pruning_history([(name, out, list(idxs)) for name, out, idxs in history])
+
+
+def _keep_pruned_nam_mass(group: Any, nam_of_bn: dict[int, NAMChannelAttention]) -> None:
+    """Add the ``|gamma|`` a NAM BatchNorm of ``group`` is about to lose to its ``pruned_mass``,
+    so that its remaining channel weights (``|gamma| / sum |gamma|``) do not change."""
+    for dep, idxs in group:
+        nam = nam_of_bn.get(id(dep.layer))
+        if nam is not None and nam.bn.weight is not None:
+            mass = nam.bn.weight.detach().abs()[list(idxs)].sum()
+            nam.pruned_mass = nam.pruned_mass + mass.to(nam.pruned_mass.dtype)
+
+
+class ScaleImportance(tp.importance.Importance):
+    """Per-channel ``|gamma|``, the mean over the group's backbone (or NAM) BatchNorms that the
+    channel passes through.
+
+    A group scores None, so it is left whole, where a channel passes through none of them
+    (nothing ranks it) or where Torch-Pruning would cut it inconsistently at a grouped
+    convolution (see :func:`_cuttable`).
+    """
+
+    def __init__(self, model: nn.Module, use_nam: bool) -> None:
+        self.use_nam = use_nam
+        self.nam_bns = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
+
+    @torch.no_grad()
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        if not _cuttable(group):
+            return None
+        # The mean is taken per channel of the group's root (gap 3 of the module docstring).
+        size = len(group[0][1])
+        total = torch.zeros(size, dtype=torch.float64)
+        count = torch.zeros(size, dtype=torch.float64)
+        for i, (dep, idxs) in enumerate(group):
+            layer, roots = dep.layer, group[i].root_idxs
+            if (
+                isinstance(layer, _BatchNorm)
+                and layer.weight is not None
+                and (id(layer) in self.nam_bns) == self.use_nam
+                and None not in roots
+            ):
+                where = torch.tensor(roots, dtype=torch.long)
+                total.index_add_(0, where, layer.weight.detach().abs()[idxs].double().cpu())
+                count.index_add_(0, where, torch.ones(len(roots), dtype=torch.float64))
+        if not bool((count > 0).all()):
+            return None
+        return (total / count).float()
+
+    def ranked(self, group: Any) -> torch.Tensor | None:
+        """The scores with exact ties broken by relative channel position (< 1e-9).
+
+        Torch-Pruning removes every channel whose score is <= the threshold; with ties at the
+        threshold (an untrained model: every gamma is 1) that is the whole layer, which it then
+        refuses, so nothing would be pruned.
+        """
+        scores = self(group)
+        if scores is None:
+            return None
+        position = torch.arange(len(scores), dtype=torch.float64) / len(scores)
+        return scores.double() + 1e-9 * position  # tied layers then lose the same fraction
+
+
+def _cuttable(group: Any) -> bool:
+    """Whether Torch-Pruning 1.6.1 cuts ``group`` consistently at its grouped convolutions.
+
+    A grouped conv must lose the same channels in each of its channel groups. Torch-Pruning
+    repeats the chosen root indices once per channel group of the group's most-grouped conv,
+    which is right only where each grouped conv has exactly the root's channels, all of them in
+    the group (a concatenation can split them, or pad them with others), and every grouped
+    conv's ``groups`` divides that count. It also traces any conv with
+    ``groups == out_channels`` as a depthwise one and cuts its input like its output, which is
+    wrong when ``in_channels`` is larger. Otherwise ranking crashes or the surgery fails, so such
+    groups are left whole. (Types are those traced: a grouped conv that an earlier cut of the
+    same pass leaves with ``groups == out_channels`` is still cut as grouped, correctly.)
+    """
+    root = len(group[0][1])
+    counts = []
+    for dep, idxs in group:
+        layer = dep.layer
+        if not isinstance(layer, nn.modules.conv._ConvNd) or layer.groups == 1:
+            continue
+        if dep.target.type == tp.ops.OPTYPE.DEPTHWISE_CONV:
+            if layer.in_channels != layer.out_channels:
+                return False
+            continue
+        cuts_out = dep.handler == tp.pruner.function.prune_conv_out_channels
+        if not len(idxs) == root == (layer.out_channels if cuts_out else layer.in_channels):
+            return False
+        counts.append(layer.groups)
+    return all(max(counts) % count == 0 for count in counts)
+
+
+def _cap(
+    pruner: Any, group: Any, scorer: ScaleImportance, max_amount: float, round_to: int | None
+) -> tuple[Any, torch.Tensor | None]:
+    """Trim a group so that no layer it cuts loses more than ``max_amount`` of its channels.
+
+    Torch-Pruning's global threshold can otherwise empty a layer in one step. The root layer
+    keeps ``1 - max_amount`` of each channel group, and a multiple of ``round_to``; every other
+    layer whose output channels the group cuts keeps ``1 - max_amount`` of its own (the inputs
+    of a concatenation each hold only some of the root's channels). The least important
+    channels are cut first. Returns the (possibly trimmed) group, or None, and the importance
+    of every channel of the root.
+    """
+    dep, idxs = group[0]
+    module, fn = dep.target.module, dep.handler
+    graph = pruner.DG
+    if graph.is_out_channel_pruning_fn(fn):
+        total = graph.get_out_channels(module)
+    else:
+        total = graph.get_in_channels(module)
+    full = graph.get_pruning_group(module, fn, list(range(total)))
+    scores = scorer(full)
+    if scores is None:  # unranked: Torch-Pruning does not offer such a group
+        return None, scores
+    ch_groups = pruner._get_channel_groups(group)
+    group_size = total // ch_groups
+    bases = sorted({int(i) % group_size for i in idxs})
+    allowed = group_size - _keep_min(group_size, max_amount, round_to)
+    held = []  # per layer the group cuts: the root channels it holds, and how many it may lose
+    for i, (d, _) in enumerate(full):
+        cuts_out = graph.is_out_channel_pruning_fn(d.handler)
+        channels = graph.get_out_channels(d.layer) if cuts_out else None
+        if channels and None not in full[i].root_idxs:
+            held.append((set(full[i].root_idxs), channels - _keep_min(channels, max_amount, None)))
+    per_base = scores.view(ch_groups, -1).mean(0)
+    chosen: list[int] = []
+    lost = [0] * len(held)
+    for base in sorted(bases, key=lambda b: float(per_base[b])):
+        cut = {base + g * group_size for g in range(ch_groups)}
+        hits = [len(cut & roots) for roots, _ in held]
+        if len(chosen) < allowed and all(
+            n + h <= most for n, h, (_, most) in zip(lost, hits, held, strict=True)
+        ):
+            chosen.append(base)
+            lost = [n + h for n, h in zip(lost, hits, strict=True)]
+    while round_to and chosen and (group_size - len(chosen)) % round_to:
+        chosen.pop()  # the most important; Torch-Pruning rounds grouped layers per channel
+    if len(chosen) == len(bases):
+        return group, scores
+    if not chosen:
+        return None, scores
+    trimmed = sorted(b + g * group_size for g in range(ch_groups) for b in chosen)
+    return graph.get_pruning_group(module, fn, trimmed), scores
+
+
+def _keep_min(channels: int, max_amount: float, round_to: int | None) -> int:
+    """The fewest channels a layer of ``channels`` keeps under ``max_amount`` and ``round_to``."""
+    keep = max(1, math.ceil(channels * (1 - max_amount) - 1e-9))
+    if round_to:
+        keep = max(round_to, math.ceil(keep / round_to) * round_to)
+    return keep
+
+
+@contextlib.contextmanager
+def _without_spatial_attention(model: nn.Module) -> Iterator[None]:
+    """Take NAM's spatial attention out while the dependency graph is traced and cut.
+
+    It has one scale factor per position, none per channel, so it never needs pruning; but its
+    BatchNorm sees the channels folded into the batch by a reshape, which the dependency graph
+    cannot follow: left in, it would mark every channel group it touches unprunable.
+    """
+    held = {nam: nam.spatial for nam in model.modules() if isinstance(nam, NAM)}
+    for nam in held:
+        nam.spatial = None
+    try:
+        yield
+    finally:
+        for nam, spatial in held.items():
+            nam.spatial = spatial
+
+
+@contextlib.contextmanager
+def _traceable() -> Iterator[list[Any]]:
+    """Mend gaps 1 and 2 (see the module docstring) while Torch-Pruning builds and uses a
+    dependency graph.
+
+    Active for as long as the graph is used (Torch-Pruning updates its index mappings each time
+    it forms a group). Yields the list, filled as graphs are built, of the reshape nodes that
+    move channels to new positions (barriers): the caller must keep whole every channel group
+    crossing one. A reshape that is not a flatten (to 2 or 4 dimensions), such as ShuffleNet's
+    channel shuffle ((N, C, H, W) -> (N, g, C/g, H, W) -> transpose -> back), is one.
+    """
+    barriers: list[Any] = []
+    mended: weakref.WeakSet[Any] = weakref.WeakSet()
+    update_all = index_mapping.update_index_mapping
+    update_reshape = index_mapping.update_reshape_index_mapping
+
+    def reshape(graph: Any, node: Any) -> None:
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        if sizes is not None and len(sizes) not in (2, 4):
+            barriers.append(node.module)
+            return
+        try:
+            update_reshape(graph, node)
+        except ZeroDivisionError:
+            barriers.append(node.module)
+
+    def update(graph: Any) -> None:  # at the build, and again for every group taken
+        if graph not in mended:  # the autograd sizes are those of the trace, so only once
+            mended.add(graph)
+            for node in graph.module2node.values():
+                if node.type == tp.ops.OPTYPE.SPLIT:
+                    _split_sizes_from_autograd(node)
+        update_all(graph)
+
+    index_mapping.update_index_mapping = update
+    index_mapping.update_reshape_index_mapping = reshape
+    try:
+        yield barriers
+    finally:
+        index_mapping.update_index_mapping = update_all
+        index_mapping.update_reshape_index_mapping = update_reshape
+
+
+def _split_sizes_from_autograd(node: Any) -> None:
+    """Channel sizes of a ``chunk``/``split(int)`` node, read from its autograd node."""
+    fn = node.grad_fn
+    size = getattr(fn, "_saved_split_size", None)
+    shape = getattr(fn, "_saved_self_sym_sizes", None)
+    if size is None or shape is None or len(shape) < 2 or getattr(fn, "_saved_dim", None) != 1:
+        return
+    total = int(shape[1])
+    sizes = [int(size)] * (total // int(size)) + ([total % int(size)] if total % int(size) else [])
+    if len(sizes) != len(node.outputs):  # a piece is unused: leave Torch-Pruning's guess
+        return
+    node.module.split_sizes = sizes
+    node.module.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+
+def _crossing(pruner: Any, barriers: list[Any]) -> list[nn.Module]:
+    """The layers whose output channels belong to a group that crosses a barrier.
+
+    Ignoring them makes Torch-Pruning skip exactly those groups (it checks ignored layers on
+    the output-channel side only), and leaves them out of the count that ``amount`` is a
+    fraction of.
+    """
+    graph = pruner.DG
+    layers = set(pruner.model.modules())
+    crossing: list[nn.Module] = []
+    groups = graph.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    )
+    for group in groups:
+        nodes = [node for dep, _ in group for node in (dep.source, dep.target)]
+        if any(node.module in barriers for node in nodes):
+            crossing.extend(
+                dep.target.module
+                for dep, _ in group
+                if dep.target.module in layers and graph.is_out_channel_pruning_fn(dep.handler)
+            )
+    return crossing

@@ -1,0 +1,116 @@
+"""Helpers shared by the test files: models, BatchNorm set-ups and the model snapshot that
+"a failed operation leaves the model as it was" is checked against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models.resnet import BasicBlock
+
+from nam_lightning import NAMChannelAttention
+
+
+class Net(torchvision.models.ResNet):
+    """A resnet18 as a class of its own, so that a checkpoint can name it."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+
+
+def nam_bns(model: nn.Module) -> set[int]:
+    """The ids of NAM's own BatchNorms in ``model``."""
+    return {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
+
+
+@torch.no_grad()
+def randomise_bns(model: nn.Module, zero: int = 0, seed: int = 0) -> nn.Module:
+    """Random affine parameters and statistics in every BatchNorm (NAM's too); then gamma and
+    beta of channels ``[0, zero)`` set to 0 in every backbone BatchNorm (not NAM's)."""
+    g = torch.Generator().manual_seed(seed)
+    skip = nam_bns(model)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if zero and id(m) not in skip:
+                m.weight[:zero] = 0
+                m.bias[:zero] = 0
+    return model
+
+
+def conv_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels of every convolution, by name."""
+    return {
+        n: m.out_channels
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+    }
+
+
+def hooks(module: nn.Module) -> tuple[int, ...]:
+    """How many forward, forward-pre, state-dict and load-state-dict hooks ``module`` has."""
+    return (
+        len(module._forward_hooks),
+        len(module._forward_pre_hooks),
+        len(module._state_dict_hooks),
+        len(module._load_state_dict_pre_hooks),
+    )
+
+
+def snapshot(model: nn.Module, inputs: torch.Tensor | None = None) -> dict[str, Any]:
+    """Everything that must survive a failed or refused operation untouched; with ``inputs``,
+    also the eval-mode output on them (the training flags are put back afterwards)."""
+    flags = {n: m.training for n, m in model.named_modules()}
+    output = None
+    if inputs is not None:
+        with torch.no_grad():
+            output = model.eval()(inputs)
+        for name, m in model.named_modules():
+            m.training = flags[name]
+    return {
+        "repr": repr(model),
+        "types": [(n, type(m)) for n, m in model.named_modules()],
+        "modules": dict(model.named_modules()),
+        "params": dict(model.named_parameters()),
+        "buffers": dict(model.named_buffers()),
+        "state": {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()},
+        "training": flags,
+        "hooks": {n: hooks(m) for n, m in model.named_modules()},
+        "attrs": sorted(vars(model)),
+        "inputs": inputs,
+        "output": output,
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    """``model`` is as :func:`snapshot` saw it: the same module tree of the very same module,
+    parameter and buffer objects (an optimizer or a reference held elsewhere stays valid), the
+    same values, state-dict keys, training flags, hooks and attributes, and the same output."""
+    after = snapshot(model, before["inputs"])
+    assert after["repr"] == before["repr"]
+    assert after["types"] == before["types"]
+    assert after["modules"].keys() == before["modules"].keys()
+    assert all(after["modules"][k] is m for k, m in before["modules"].items())
+    assert after["params"].keys() == before["params"].keys()
+    assert all(after["params"][k] is p for k, p in before["params"].items())
+    assert after["buffers"].keys() == before["buffers"].keys()
+    assert all(after["buffers"][k] is b for k, b in before["buffers"].items())
+    assert list(after["state"]) == list(before["state"])
+    for key, value in before["state"].items():
+        if torch.is_tensor(value):
+            assert after["state"][key].shape == value.shape, key
+            assert torch.equal(after["state"][key], value), key
+        else:
+            assert after["state"][key] == value, key
+    assert after["training"] == before["training"]
+    assert after["hooks"] == before["hooks"]
+    assert after["attrs"] == before["attrs"]
+    if before["output"] is not None:
+        assert torch.equal(after["output"], before["output"])
