@@ -342,7 +342,8 @@ class NAMCallback(Callback):
     ) -> None:
         if trainer.state.fn != TrainerFn.FITTING or not checkpoint.get("state_dict"):
             return
-        if saved_pruning_passes(checkpoint["state_dict"]) and not checkpoint.get("optimizer_states"):
+        pruned = saved_pruning_passes(checkpoint["state_dict"])
+        if pruned and not checkpoint.get("optimizer_states"):
             raise RuntimeError(
                 "NAMCallback: this checkpoint holds a model pruned at the end of training, "
                 "without optimizer state (the old state had the unpruned shapes), so training "
