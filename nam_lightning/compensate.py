@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .report import as_args, eval_mode
+from .utils import as_args, eval_mode
 
 Consumer = nn.Conv2d | nn.Conv1d | nn.Conv3d | nn.Linear
 

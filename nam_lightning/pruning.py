@@ -60,6 +60,8 @@ class PruneConfig:
         scope: ``"global"`` (one threshold) or ``"local"`` (per layer).
         max_layer_amount: the most any layer may lose, a fraction < 1.
         round_to: keep channel counts multiples of this.
+        compensate: fold what removed channels still output (a constant where their
+            ``gamma`` is 0) into the layers that read them (:mod:`nam_lightning.compensate`).
     """
 
     amount: float | None = None
@@ -68,6 +70,7 @@ class PruneConfig:
     scope: Scope = "global"
     max_layer_amount: float = 0.9
     round_to: int | None = None
+    compensate: bool = True
 
     def __post_init__(self) -> None:
         _check_config(self)
@@ -83,6 +86,7 @@ class PruneConfig:
             scope=self.scope,
             max_layer_amount=self.max_layer_amount,
             round_to=self.round_to,
+            compensate=self.compensate,
             measure=measure,
         )
 
@@ -97,6 +101,7 @@ def prune_channels(
     scope: Scope = "global",
     max_layer_amount: float = 0.9,
     round_to: int | None = None,
+    compensate: bool = True,
     ignored_layers: Iterable[nn.Module] | None = None,
     measure: bool = True,
 ) -> PruneReport:
@@ -118,6 +123,10 @@ def prune_channels(
             concatenation, or a layer added to it) can end up off the multiple.
         ignored_layers: modules never pruned. The layer that produces the model's output is
             always kept whole.
+        compensate: fold what the removed channels still contribute into the layers that
+            read them, so that channels with ``gamma = 0`` go without changing the outputs
+            (exact for 1x1 and linear consumers and away from zero-padded borders; see
+            :mod:`nam_lightning.compensate`). ``False`` drops it, as Network Slimming does.
         measure: time the model before and after on ``example_inputs``.
 
     Returns:
@@ -127,7 +136,10 @@ def prune_channels(
         ValueError: on bad arguments, a model without BatchNorm, or a failed surgery; the model
             is then exactly as it was.
     """
-    config = PruneConfig(amount, flops_target, importance, scope, max_layer_amount, round_to)
+    check_bool("compensate", compensate)
+    config = PruneConfig(
+        amount, flops_target, importance, scope, max_layer_amount, round_to, compensate
+    )
     check_module("model", model)
     if not any(isinstance(a, torch.Tensor) for a in as_args(example_inputs)):
         raise TypeError("`example_inputs` must be a tensor or a tuple holding tensors")
@@ -187,6 +199,12 @@ def prune_channels(
             "than the layers, or an amount too small for one channel, does this)."
         )
         warnings.warn(notes[-1], stacklevel=2)
+    if done.uncompensated:
+        notes.append(
+            "What the removed channels output could not be kept for "
+            f"{', '.join(done.uncompensated[:5])}: neither a following BatchNorm nor a bias "
+            "to take it (fine-tuning recovers it)."
+        )
     args = as_args(example_inputs)
     shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
     add_pruning_pass(model, PruningPass(history=done.history, input_shapes=shapes))
@@ -347,6 +365,7 @@ def _check_config(config: PruneConfig) -> None:
     check_choice("importance", config.importance, get_args(Importance))
     check_choice("scope", config.scope, get_args(Scope))
     check_optional_positive_int("round_to", config.round_to)
+    check_bool("compensate", config.compensate)
     if amount is not None and amount > config.max_layer_amount and config.scope == "local":
         raise ValueError(
             f"`amount={amount}` exceeds `max_layer_amount={config.max_layer_amount}` with "

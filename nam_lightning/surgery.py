@@ -53,8 +53,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch_pruning.dependency import index_mapping
 
 from .attention import NAM, NAMChannelAttention
+from .compensate import fold_contribution, input_means, removed_contribution
 from .record import HistoryStep
 from .utils import as_args, eval_mode
+
+# The cuts of a layer's inputs whose removed channels reach its other outputs (a depthwise
+# convolution loses its outputs together with its inputs, so it has nothing to compensate).
+_IN_CHANNEL_CUTS = (
+    tp.pruner.function.prune_conv_in_channels,
+    tp.pruner.function.prune_linear_in_channels,
+)
 
 
 class PassSettings(Protocol):
@@ -68,6 +76,8 @@ class PassSettings(Protocol):
     def max_layer_amount(self) -> float: ...
     @property
     def round_to(self) -> int | None: ...
+    @property
+    def compensate(self) -> bool: ...  # fold removed channels' constant output into consumers
 
 
 class PassResult(NamedTuple):
@@ -76,6 +86,7 @@ class PassResult(NamedTuple):
     history: tuple[HistoryStep, ...]  # every cut, in order, for replay
     threshold: float | None  # the largest importance among the removed channels
     removed: int  # channels removed, counted at each group's root layer
+    uncompensated: tuple[str, ...] = ()  # consumers that could not take a removed constant
 
 
 def prune_pass(
@@ -89,6 +100,8 @@ def prune_pass(
     ``ignored`` layers (see :func:`nam_lightning.prune_channels` for the settings). On an error
     the model may be half cut: the caller restores it."""
     max_layer_amount, round_to = settings.max_layer_amount, settings.round_to
+    # measured on the whole model (spatial attention included), before anything is cut
+    means = input_means(model, example_inputs) if settings.compensate else None
     with _without_spatial_attention(model), _traceable() as barriers:
         scorer = ScaleImportance(model, use_nam=settings.importance == "nam")
         nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
@@ -118,6 +131,7 @@ def prune_pass(
             ) from err
         threshold: float | None = None
         removed = 0
+        uncompensated: list[nn.Module] = []
         # Torch-Pruning drops a group that would lose every channel before we see it; let it
         # through so that _cap trims it to max_layer_amount, and check validity after the trim.
         check = pruner.DG.check_pruning_group
@@ -138,12 +152,17 @@ def prune_pass(
             # Here every layer the group cuts and the channels it loses are known:
             # ``(dep.layer, dep.handler, idxs) for dep, idxs in group``.
             _keep_pruned_nam_mass(group, nam_of_bn)
+            if means is not None:
+                uncompensated += _compensate(pruner.DG, group, means)
             group.prune()
         history = tuple(
             (str(name), bool(out), tuple(int(i) for i in idxs))
             for name, out, idxs in pruner.pruning_history()
         )
-        return PassResult(history, threshold, removed)
+        names = {m: n for n, m in model.named_modules()}
+        return PassResult(
+            history, threshold, removed, tuple(sorted({names[m] for m in uncompensated}))
+        )
 
 
 def replay(model: nn.Module, history: Sequence[HistoryStep], input_shapes: Sequence[Any]) -> None:
@@ -153,6 +172,30 @@ def replay(model: nn.Module, history: Sequence[HistoryStep], input_shapes: Seque
         with eval_mode(model, grad=True):
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=inputs)
         graph.load_pruning_history([(name, out, list(idxs)) for name, out, idxs in history])
+
+
+def _compensate(graph: Any, group: Any, means: dict[nn.Module, torch.Tensor]) -> list[nn.Module]:
+    """Before ``group`` is cut: fold what its removed channels contribute, as constants, into
+    every convolution and linear layer that reads them (see :mod:`nam_lightning.compensate`),
+    and keep the measured input means in step with the cut. Returns the consumers that have
+    neither a following BatchNorm nor a bias to take the contribution."""
+    missed = []
+    for dep, idxs in group:
+        layer = dep.layer
+        if dep.handler not in _IN_CHANNEL_CUTS or layer not in means:
+            continue
+        removed = [int(i) for i in idxs]
+        outputs = graph.module2node[layer].outputs
+        follower = outputs[0].module if len(outputs) == 1 else None
+        if not isinstance(follower, _BatchNorm):
+            follower = None
+        contribution = removed_contribution(layer, removed, means[layer])
+        if not fold_contribution(layer, contribution, follower):
+            missed.append(layer)
+        keep = torch.ones(len(means[layer]), dtype=torch.bool)
+        keep[removed] = False
+        means[layer] = means[layer][keep]
+    return missed
 
 
 def _keep_pruned_nam_mass(group: Any, nam_of_bn: dict[int, NAMChannelAttention]) -> None:
