@@ -14,14 +14,14 @@ penalty can be aimed instead:
    factors only; the channels that will be kept train freely.
 4. Control: the planned channels' share of the ``|gamma|`` mass should fall geometrically from
    its value at the first plan to ``final_share`` by ``settle`` of the training, and stay
-   there. Every optimizer step, lambda is multiplied by ``1 + rate`` while the share lags that
-   schedule and is not catching up (it falls more slowly than the schedule does), divided by
-   ``1 + rate`` while the share is ahead and still falling faster than the schedule, and kept
-   otherwise. Looking at the direction as well as the level keeps lambda from running on
-   while the scale factors, slowed by momentum, are still on their way: a penalty that
-   overshoots empties the channels in a few steps, and the network loses accuracy it must
-   then win back. A wrong start is corrected by a factor of 100 in
-   ``ln(100) / ln(1 + rate)`` steps (95 with the default rate).
+   there. The controller steers how fast the share falls, not where it is: every optimizer
+   step it wants the share to fall by the fraction that would close the gap to the schedule
+   over the next ``horizon`` of the training, and multiplies lambda by ``1 + rate`` when the
+   share fell less than that in the last step, divides it by ``1 + rate`` when it fell more.
+   Steering the fall keeps the penalty from emptying the channels all at once when it finally
+   bites (the scale factors, slowed by momentum, keep moving for a while after lambda stops
+   rising; a sudden removal costs accuracy the network must then win back). A wrong start is
+   corrected by a factor of 100 in ``ln(100) / ln(1 + rate)`` steps (95 with the default).
 
 The controller below holds only numbers: the callback measures the share and asks it for the
 next lambda. Everything is computed from replicated values (the scale factors are identical on
@@ -50,14 +50,16 @@ class AutoLambda:
             ``|gamma|`` mass should reach ``final_share``.
         final_share: the share of the ``|gamma|`` mass left in the planned channels at the end.
         replan: fraction of the training steps between two plans.
+        horizon: fraction of the training steps over which a gap to the schedule is closed.
     """
 
-    start: float = 1e-3
+    start: float = 1e-2
     rate: float = 0.05
     warmup: float = 0.1
     settle: float = 0.7
     final_share: float = 1e-3
     replan: float = 0.05
+    horizon: float = 0.05
     # state (not constructor arguments)
     lambda_: float = field(default=0.0, init=False)
     first_step: int | None = field(default=None, init=False)
@@ -67,7 +69,7 @@ class AutoLambda:
     def __post_init__(self) -> None:
         check_finite_float("start", self.start)
         check_finite_float("rate", self.rate)
-        for name in ("warmup", "settle", "final_share", "replan"):
+        for name in ("warmup", "settle", "final_share", "replan", "horizon"):
             check_fraction(name, getattr(self, name))
         if self.warmup >= self.settle:
             raise ValueError(
@@ -85,7 +87,7 @@ class AutoLambda:
             return True
         return step - last_plan >= max(1, round(self.replan * total_steps))
 
-    def target_share(self, step: int, total_steps: int) -> float:
+    def target_share(self, step: float, total_steps: int) -> float:
         """The share of the ``|gamma|`` mass the planned channels should hold at ``step``."""
         if self.first_step is None or self.first_share is None:
             return math.inf
@@ -94,23 +96,23 @@ class AutoLambda:
         first = max(self.first_share, self.final_share)
         return first * (self.final_share / first) ** progress
 
-    def update(self, share: float, step: int, total_steps: int) -> float:
+    def update(self, share: float, step: int, total_steps: int, replanned: bool = False) -> float:
         """Take the planned channels' current share of the mass; return lambda for this step.
 
-        The first call fixes the start of the schedule and returns ``start`` unchanged.
+        The first call fixes the start of the schedule; it, and a call right after a new plan
+        (``replanned``: the share jumps with the set), only take the share in.
         """
         if self.first_step is None:
             self.first_step, self.first_share = step, share
-        else:
-            target = self.target_share(step, total_steps)
-            lagging = share > target
-            falling_fast = False
-            if self.last is not None and self.last[0] < step and self.last[1] > 0:
-                scheduled = target / self.target_share(self.last[0], total_steps)
-                falling_fast = share / self.last[1] < scheduled
-            if lagging and not falling_fast:
+        elif self.last is not None and not replanned and self.last[0] < step:
+            horizon = max(1.0, self.horizon * total_steps)
+            target = self.target_share(step + horizon, total_steps)
+            tiny = 1e-12  # a share of 0 falls no further
+            wanted = math.log(max(share, tiny) / target) / horizon  # per step, to close the gap
+            fell = math.log(max(self.last[1], tiny) / max(share, tiny)) / (step - self.last[0])
+            if fell < wanted:
                 self.lambda_ *= 1 + self.rate
-            elif not lagging and falling_fast:
+            else:
                 self.lambda_ /= 1 + self.rate
         self.last = (step, share)
         return self.lambda_

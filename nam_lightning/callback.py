@@ -256,7 +256,8 @@ class NAMCallback(Callback):
                 "steps must be known: set `max_steps`, or `max_epochs` with a sized dataloader."
             )
         total = int(total)
-        if self.auto.plan_due(step, total, self._planned_at):
+        replanned = self.auto.plan_due(step, total, self._planned_at)
+        if replanned:
             plan = removal_plan(pl_module, self._example_batch(pl_module)[:1], self.prune)
             # the scale factors are replicated, so every rank plans the same; rank 0's is kept
             self._plan = trainer.strategy.broadcast(plan, src=0)
@@ -266,7 +267,7 @@ class NAMCallback(Callback):
         if self._masked is None:
             self._masked = _masks(pl_module, self._plan)
         self._share = masked_share(*self._masked)
-        self.lambda_ = self.auto.update(self._share, step, total)
+        self.lambda_ = self.auto.update(self._share, step, total, replanned)
 
     @override
     def on_train_batch_start(
@@ -282,7 +283,9 @@ class NAMCallback(Callback):
         if self.prune is None:
             return
         self._check_finite(pl_module)
-        self.report = self.prune.apply(pl_module, self._example_batch(pl_module))
+        # one batch for every rank: what removed channels contribute is measured on it
+        example = trainer.strategy.broadcast(self._example_batch(pl_module), src=0)
+        self.report = self.prune.apply(pl_module, _to(example, pl_module))
         history = pruning_passes(pl_module)[-1].history
         digest = hashlib.sha256(json.dumps(history).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)
@@ -291,6 +294,7 @@ class NAMCallback(Callback):
                 "NAMCallback: the ranks pruned different channels (their BatchNorm scale "
                 "factors differ), so the models are no longer replicas; nothing was saved."
             )
+        _copy_from_rank_zero(pl_module)
         self.pruned_path = self._save_pruned(trainer)
         rank_zero_info(
             f"NAMCallback: pruned the model\n{self.report.table()}\nSaved {self.pruned_path}"
@@ -362,12 +366,7 @@ class NAMCallback(Callback):
                 "NAMCallback(prune=...) needs an example batch: set `example_input_array` on "
                 "the LightningModule, or train on batches whose first element is the input."
             )
-        device = next(pl_module.parameters()).device
-        if isinstance(example, torch.Tensor):
-            return example.to(device)
-        if isinstance(example, tuple):
-            return tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
-        return example
+        return _to(example, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -411,6 +410,27 @@ class NAMCallback(Callback):
                 metrics["nam/pruned_mass"] = self._share
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step)
+
+
+@torch.no_grad()
+def _copy_from_rank_zero(pl_module: pl.LightningModule) -> None:
+    """Give every rank rank 0's pruned tensors. Without SyncBatchNorm each rank has its own
+    running statistics, so what the removed channels contribute, folded into running means and
+    biases, differs a little between ranks; after this the replicas are equal again."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for tensor in (*pl_module.parameters(), *pl_module.buffers()):
+        torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _to(example: Any, pl_module: pl.LightningModule) -> Any:
+    """``example`` (a tensor or a tuple holding tensors) on the module's device."""
+    device = next(pl_module.parameters()).device
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, tuple):
+        return tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
+    return example
 
 
 def _masks(

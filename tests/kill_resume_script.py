@@ -14,6 +14,9 @@ Usage: python kill_resume_script.py OUT_DIR MODE, MODE one of
   finetune-kill    fine-tune load_checkpoint(pruned.pt) with checkpoints; killed like train-kill
   finetune-resume  load_checkpoint(pruned.pt), fit(ckpt_path=last.ckpt) -> finetune_resumed.pt
 
+With NAM_TEST_AUTO_LAMBDA=1 in the environment, the train modes use NAMCallback with
+lambda_="auto" and prune=PruneConfig(amount=0.5) (so the saved models are pruned).
+
 Every run: CPU, one thread, deterministic=True, seed_everything(0), momentum SGD with a per-step
 learning-rate scheduler, 3 epochs of 8 batches.
 """
@@ -33,9 +36,10 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_helpers import Classifier, random_data, tensors, trainer_kwargs
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nam_lightning import NAMCallback, load_checkpoint, save_pruned
+from nam_lightning import AutoLambda, NAMCallback, PruneConfig, load_checkpoint, save_pruned
 
 LAMBDA = 1e-2
+AUTO = os.environ.get("NAM_TEST_AUTO_LAMBDA") == "1"  # train modes with lambda_="auto"
 EPOCHS = 3  # of 64 samples / batch 8 = 8 batches: 24 optimizer steps
 CKPT_EVERY = 5  # checkpoints at steps 5, 10, 15, 20
 KILL_AT = 13  # killed when global_step == 13: last.ckpt is step 10 (epoch 1, 2 of 8 batches)
@@ -155,6 +159,13 @@ class DropOptimizerState(Callback):
             config.scheduler.last_epoch = 0
 
 
+def nam_callback() -> NAMCallback:
+    if AUTO:  # plans at steps 2, 5, 8, ...: the kill (step 13) and the resume (10) fall between
+        auto = AutoLambda(warmup=0.1, replan=0.125)
+        return NAMCallback(auto, prune=PruneConfig(amount=0.5))
+    return NAMCallback(LAMBDA)
+
+
 def fit(
     model: pl.LightningModule,
     callbacks: list[Callback],
@@ -202,21 +213,21 @@ def main(out: Path, mode: str) -> None:
         phase, action = "finetune", ""
     if action == "":  # uninterrupted
         model = new_model(out, phase)
-        save(model, fit(model, [NAMCallback(LAMBDA)]), out / f"{phase}_reference.pt")
+        save(model, fit(model, [nam_callback()]), out / f"{phase}_reference.pt")
     elif action == "kill":
         model = new_model(out, phase)
-        fit(model, [NAMCallback(LAMBDA), Kill()], checkpoints=out / f"{phase}_ckpts")
+        fit(model, [nam_callback(), Kill()], checkpoints=out / f"{phase}_ckpts")
         raise AssertionError("the process should have been killed")
     elif action == "resume":
         model = new_model(out, phase)
-        trainer = fit(model, [NAMCallback(LAMBDA)], ckpt_path=last)
+        trainer = fit(model, [nam_callback()], ckpt_path=last)
         save(model, trainer, out / f"{phase}_resumed.pt")
-        if phase == "train":
+        if phase == "train" and not AUTO:
             model = new_model(out, phase, ForgetfulClassifier)
-            trainer = fit(model, [NAMCallback(LAMBDA)], ckpt_path=last)
+            trainer = fit(model, [nam_callback()], ckpt_path=last)
             save(model, trainer, out / "train_restarted_epoch.pt")
             model = new_model(out, phase)
-            trainer = fit(model, [NAMCallback(LAMBDA), DropOptimizerState()], ckpt_path=last)
+            trainer = fit(model, [nam_callback(), DropOptimizerState()], ckpt_path=last)
             save(model, trainer, out / "train_no_optimizer_state.pt")
     else:
         raise ValueError(f"unknown mode {mode!r}")

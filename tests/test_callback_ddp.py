@@ -79,3 +79,16 @@ def test_ddp_prune_gives_identical_models_and_finetunes(tmp_path: Path) -> None:
     tuned = load(tmp_path / "finetune_rank0.pt")
     assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in rank0.items()}
     assert not torch.equal(tuned["net.7.weight"], rank0["net.7.weight"])  # it trained
+
+
+def test_ddp_auto_lambda_is_equal_on_both_ranks_and_so_are_the_models(tmp_path: Path) -> None:
+    done = run(tmp_path, "auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lambdas = [load(tmp_path / f"lambdas_rank{rank}.pt") for rank in (0, 1)]
+    assert len(lambdas[0]) == 10 and torch.equal(lambdas[0], lambdas[1])
+    assert len(set(lambdas[0].tolist())) > 3  # the controller moved it step by step
+    rank0, rank1 = load(tmp_path / "auto_rank0.pt"), load(tmp_path / "auto_rank1.pt")
+    assert rank0["net.0.weight"].shape[0] < 8  # pruned at the end
+    for key in rank0:
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)

@@ -55,9 +55,10 @@ SCRIPT = Path(__file__).with_name("kill_resume_script.py")
 BATCHES_PER_EPOCH = 8
 
 
-def start(out: Path, mode: str) -> subprocess.Popen[str]:
+def start(out: Path, mode: str, **extra_env: str) -> subprocess.Popen[str]:
     env = {
         **os.environ,
+        **extra_env,
         "OMP_NUM_THREADS": "1",
         "NAM_LIGHTNING_COMPILE": os.environ.get("NAM_LIGHTNING_COMPILE", "0"),
     }
@@ -80,9 +81,9 @@ def finish(process: subprocess.Popen[str]) -> tuple[int, str, str]:
     return process.returncode, stdout, stderr
 
 
-def run(out: Path, *modes: str) -> list[tuple[int, str, str]]:
+def run(out: Path, *modes: str, **extra_env: str) -> list[tuple[int, str, str]]:
     """Run independent modes side by side (the machine has 2 cores), wait for all."""
-    return [finish(p) for p in [start(out, mode) for mode in modes]]
+    return [finish(p) for p in [start(out, mode, **extra_env) for mode in modes]]
 
 
 def check_ok(result: tuple[int, str, str]) -> None:
@@ -143,6 +144,22 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path: Path) 
     # Negative checks from the same checkpoint: the comparison sees a wrong resume.
     for wrong in ("train_restarted_epoch.pt", "train_no_optimizer_state.pt"):
         assert max_difference(load(tmp_path / wrong), expected) > 1e-3, wrong
+
+
+def test_auto_lambda_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    auto = {"NAM_TEST_AUTO_LAMBDA": "1"}
+    reference, killed = run(tmp_path, "train", "train-kill", **auto)
+    check_ok(reference)
+    last = check_killed_mid_epoch(killed, tmp_path / "train_ckpts")
+    state = torch.load(last, weights_only=True)["callbacks"]["NAMCallback"]
+    assert state["auto"]["lambda_"] != 1e-3 and state["plan"]  # the controller was at work
+
+    check_ok(run(tmp_path, "train-resume", **auto)[0])
+    expected = load(tmp_path / "train_reference.pt")
+    assert expected["net.4.bn1.weight"].shape[0] < 16  # pruned at the end of training
+    assert_equal(load(tmp_path / "train_resumed.pt"), expected)
 
 
 def test_sigkill_during_finetune_after_pruning_then_resume(tmp_path: Path) -> None:
