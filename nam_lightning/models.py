@@ -1,7 +1,7 @@
 """Image classifiers for the command line: any torchvision model by name, or a small ResNet.
 
-:class:`ImageClassifier` is an ordinary LightningModule (cross-entropy, SGD with cosine decay,
-torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAMCallback`.
+:class:`ImageClassifier` is an ordinary LightningModule (cross-entropy, SGD under a one-cycle
+schedule, torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAMCallback`.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ class ImageClassifier(pl.LightningModule):
         in_channels: input channels (linked to the data by the command line).
         cifar_stem: for torchvision models on small images: a 3x3 stride-1 first conv and no
             max-pool.
-        lr: peak SGD learning rate (cosine decay to 0 over the run).
-        momentum: SGD momentum.
+        lr: peak SGD learning rate of ``OneCycleLR``: it rises from ``lr / 25`` to ``lr`` over
+            the first 15% of the steps, then anneals (cosine) to ``lr / 2.5e5`` at the end.
+        momentum: SGD momentum the optimizer is built with; ``OneCycleLR`` then cycles the
+            momentum from 0.95 to 0.85 and back (its defaults), so this value is not used.
         weight_decay: SGD weight decay (not applied to BatchNorm scale factors, which carry the
             L1 sparsity penalty instead).
         channels_last: use the channels-last memory format (faster convolutions on GPUs).
