@@ -55,6 +55,7 @@ from nam_lightning import (
     fold_nam,
     functional,
     inject_nam,
+    kernels,
     prune_channels,
 )
 
@@ -298,18 +299,18 @@ def pruning(args: argparse.Namespace, base: nn.Module, device: torch.device) -> 
     )
 
 
-def nam_kernels() -> list[tuple[str, functional._Kernel]]:
-    """nam_lightning's compiled kernels by name (those of a training site under its kind)."""
-    kernels = []
+def nam_kernels() -> list[tuple[str, kernels.Kernel]]:
+    """nam_lightning's compiled kernels by name (a training gate's pair under its kind)."""
+    found = []
     for name, value in vars(functional).items():
-        if isinstance(value, functional._Kernel):
-            kernels.append((name, value))
-        elif isinstance(value, functional._Site):
-            kernels += [
+        if isinstance(value, kernels.Kernel):
+            found.append((name, value))
+        elif isinstance(value, functional.TrainingKernels):
+            found += [
                 (f"{name}.statistics", value.statistics),
                 (f"{name}.backward", value.backward),
             ]
-    return kernels
+    return found
 
 
 def main() -> None:

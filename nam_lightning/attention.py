@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import functional
+from . import functional, kernels
 from .checks import check_bool, check_finite_float
+from .kernels import Path
 
 
 class NAMChannelAttention(nn.Module):
@@ -58,9 +59,10 @@ class NAMChannelAttention(nn.Module):
         return functional.normalised_abs(gamma, self.pruned_mass)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
-        if functional.lean_applies(x, self.bn):
+        path = kernels.choose_path(x, self.bn)
+        if path is Path.ALONE:
             return functional.nam_channel_gate(x, self.bn, self.weights())
-        if functional.eval_applies(x, self.bn):
+        if path is Path.EVAL_ALONE:
             return functional.eval_channel_gate(x, self.bn, self.pruned_mass)
         z = self.bn(x)
         return x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
@@ -187,9 +189,10 @@ class NAMSite(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel = self.nam.channel
-        if self.fuse and functional.fusion_applies(x, self.module, channel.bn):
+        path = kernels.choose_path(x, channel.bn, self.module) if self.fuse else Path.PLAIN
+        if path is Path.FUSED:
             y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
-        elif self.fuse and functional.eval_fusion_applies(x, self.module, channel.bn):
+        elif path is Path.EVAL_FUSED:
             y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.pruned_mass)
         else:
             return self.nam(self.module(x))

@@ -28,11 +28,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .attention import NAMSite
 from .functional import (
     BNState,
-    _bn_gate_kernel,
-    _bn_state,
-    _eval_nam_constants,
-    _eval_site_constants,
-    _gate_kernel,
+    bn_gate_kernel,
+    bn_state,
+    eval_nam_constants,
+    eval_site_constants,
+    gate_kernel,
 )
 from .inject import replace_modules
 
@@ -102,9 +102,9 @@ class FoldedNAM(nn.Module):
         # the (C,) buffers go to the kernel as they are: reshaping them there costs nothing,
         # here it costs a few eager operator calls per site
         if self.bn_scale is not None and self.bn_shift is not None:
-            y = _bn_gate_kernel(x, self.gate_scale, self.gate_shift, self.bn_scale, self.bn_shift)
+            y = bn_gate_kernel(x, self.gate_scale, self.gate_shift, self.bn_scale, self.bn_shift)
         else:
-            y = _gate_kernel(x, self.gate_scale, self.gate_shift)
+            y = gate_kernel(x, self.gate_scale, self.gate_shift)
         if self.pixel_scale is not None and self.pixel_shift is not None:
             pixel_gate = torch.addcmul(
                 self.pixel_shift.to(y.dtype), y, self.pixel_scale.to(y.dtype)
@@ -198,14 +198,14 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     bn_scale = bn_shift = None
     module = site.module
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and _has_running_stats(module):
-        constants = _eval_site_constants(removed, *_state64(module), *nam_state)
+        constants = eval_site_constants(removed, *_state64(module), *nam_state)
         gate_scale, gate_shift, bn_scale, bn_shift = constants
     else:
-        gate_scale, gate_shift = _eval_nam_constants(removed, *nam_state)
+        gate_scale, gate_shift = eval_nam_constants(removed, *nam_state)
     pixel_scale = pixel_shift = None
     if nam.spatial is not None:
         _check_running_stats(f"{name}.nam.spatial.bn", nam.spatial.bn)
-        scale, shift = _eval_nam_constants(None, *_state64(nam.spatial.bn))
+        scale, shift = eval_nam_constants(None, *_state64(nam.spatial.bn))
         pixel_scale, pixel_shift = scale.view(nam.spatial.size), shift.view(nam.spatial.size)
 
     folded = FoldedNAM(
@@ -222,7 +222,7 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
 def _state64(bn: _BatchNorm) -> BNState:
     """``bn``'s eval-mode state (running statistics, eps, weight, bias), float64 on the CPU."""
     return cast(
-        BNState, tuple(_cpu64(t) if isinstance(t, torch.Tensor) else t for t in _bn_state(bn))
+        BNState, tuple(_cpu64(t) if isinstance(t, torch.Tensor) else t for t in bn_state(bn))
     )
 
 

@@ -35,17 +35,13 @@ output is rounded once; the statistics and per-channel values stay float32.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import os
-import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from .kernels import Kernel
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,7 +84,7 @@ def _gate_parts(
     return zh, a * zh + b, 1 / (1 + torch.exp2(_neg_log2e(p * zh + q)))
 
 
-def _gate_forward(z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
+def gate_forward(z: torch.Tensor, *coefficients: torch.Tensor) -> torch.Tensor:
     """``(a * zh + b) * sigmoid(p * zh + q)``; ``coefficients = (mean, invstd, a, b, p, q)``.
     Computed in the coefficients' dtype (float32 for a low-precision ``z``), returned in z's."""
     _, x, s = _gate_parts(z, *coefficients)
@@ -120,7 +116,7 @@ def _channel_sums(t: torch.Tensor) -> torch.Tensor:
     return t.sum((2, 3), keepdim=True).sum(0, keepdim=True)
 
 
-def _gate_input_grad(
+def gate_input_grad(
     dzh: torch.Tensor,
     z: torch.Tensor,
     mean: torch.Tensor,
@@ -134,118 +130,7 @@ def _gate_input_grad(
     return dzh.copy_(dzh * invstd + dmean / count + dvar * (2 / count) * (z - mean))
 
 
-# Inductor stores an intermediate to memory once it is read by several reductions or grows
-# past an operation count; in these kernels every intermediate is cheaper to recompute than to
-# store and load again (backward pass 1 at (8, 256, 56, 56): 73 ms -> 29 ms on one thread).
-# And the C++ compiler may fuse a multiply and an add into one FMA (one rounding, not two):
-# the folded site's kernel 5-8% faster. Option names and types vary between torch versions,
-# and torch.compile refuses one it does not know (the kernels would then run eagerly): each
-# entry lists its spellings, newest first, and the first one this torch knows is taken.
-_INDUCTOR_WISHES: list[dict[str, str | int | bool]] = [
-    {"realize_reads_threshold": 1000},
-    {"realize_opusers_threshold": 1000},
-    # recent torch has a CPU threshold and an override for every device; older torch has the
-    # override alone, which then serves the CPU
-    {"realize_cpu_opcount_threshold": 1000, "realize_opcount_threshold": 1000},
-    {"realize_cpu_acc_reads_threshold": 1000, "realize_acc_reads_threshold": 1000},
-    # a mode ("off", "on", "fast") in recent torch; a bool in older torch, where True leaves out
-    # -ffp-contract=off and the compiler contracts
-    {"cpp.enable_floating_point_contract_flag": "fast"},
-]
-
-
-def _inductor_options(known: dict[str, Any]) -> dict[str, str | int | bool | Callable[..., Any]]:
-    """The options of :data:`_INDUCTOR_WISHES` that an Inductor whose configuration is
-    ``known`` (name -> current value) accepts, each under its first known spelling and with a
-    value of the type it has there."""
-    options: dict[str, str | int | bool | Callable[..., Any]] = {}
-    for spellings in _INDUCTOR_WISHES:
-        for name, value in spellings.items():
-            if name in known:
-                current = known[name]
-                if isinstance(current, bool) and not isinstance(value, bool):
-                    value = True  # the older on/off form of a mode
-                options[name] = value
-                break
-    return options
-
-
-# Shapes are symbolic, but dtypes, memory layouts, eps values, sizes of 1 and affine or not each
-# compile a variant; past torch.compile's default of 8 per function a kernel would run eagerly
-# from then on (a process that validates, prunes and exports meets many). Recent versions of
-# torch.compile take a per-function limit; older ones (torch 2.11, say) only Dynamo's global
-# one, which a kernel then raises to this while it runs (~10 us a call).
-_VARIANTS = 64
-_RECOMPILE_LIMIT: dict[str, Any] = {}
-if "recompile_limit" in inspect.signature(torch.compile).parameters:
-    _RECOMPILE_LIMIT["recompile_limit"] = _VARIANTS
-
-
-def _variants_scope() -> contextlib.AbstractContextManager[Any]:
-    """For a torch.compile that takes no per-function limit: Dynamo's global one raised to
-    ``_VARIANTS`` (never lowered) for the duration of a kernel's call."""
-    from torch._dynamo import config as dynamo_config
-
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return dynamo_config.patch(name, max(_VARIANTS, getattr(dynamo_config, name)))
-
-
-class _Kernel:
-    """``fn`` compiled by ``torch.compile`` into one fused loop (eager PyTorch would make a
-    pass over memory per operator: ~4x slower forward, ~10x slower backward on CPU), or
-    ``fn`` itself where compiling is off (``NAM_LIGHTNING_COMPILE=0``) or fails (no C++
-    compiler): then once a warning, and eager from there on."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.compiled: Callable[..., Any] | None = None
-        self.enabled = os.environ.get("NAM_LIGHTNING_COMPILE", "1") != "0"
-
-    def __call__(self, *args: Any) -> Any:
-        # Under torch.compile/export, TorchScript tracing (the older ONNX exporter), FX
-        # symbolic tracing (its proxies stand for tensors) and a dispatch mode (FlopCounterMode,
-        # fake tensors; torch.compile refuses to run under one) the caller takes the plain
-        # operators.
-        tracing = (
-            torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or is_in_torch_dispatch_mode()
-            or any(isinstance(a, torch.fx.Proxy) for a in args)
-        )
-        if not self.enabled or tracing:
-            return self.fn(*args)
-        try:
-            if self.compiled is None:
-                from torch._inductor import config as inductor_config
-
-                self.compiled = torch.compile(
-                    self.fn,
-                    dynamic=True,
-                    fullgraph=True,
-                    options=_inductor_options(inductor_config.get_config_copy()),
-                    **_RECOMPILE_LIMIT,
-                )
-            if _RECOMPILE_LIMIT:
-                return self.compiled(*args)
-            with _variants_scope():
-                return self.compiled(*args)
-        # torch.compile refuses options it does not know at once; a missing toolchain shows up
-        # at the first call
-        except Exception as err:
-            # Where the plain operators fail as well, the inputs are at fault, not compiling:
-            # their error propagates and the kernel stays compiled.
-            result = self.fn(*args)
-            self.enabled = False
-            first_line = next(iter(str(err).strip().splitlines()), "")[:200]
-            warnings.warn(
-                f"nam_lightning: compiling the NAM kernels failed ({type(err).__name__}: "
-                f"{first_line}); running them eagerly (exact, but slower).",
-                stacklevel=2,
-            )
-            return result
-
-
-def _lean_statistics(
+def _alone_statistics(
     z: torch.Tensor, w: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, ...]:
     """NAM on its own input: the batch statistics of ``x = z`` and the gate's coefficients.
@@ -256,14 +141,14 @@ def _lean_statistics(
     return mean, var, var, invstd, 1 / invstd, mean, _view(w * g), _view(w * beta)
 
 
-def _lean_backward(
+def _alone_backward(
     dy: torch.Tensor,
     z: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
     *args: Any,
 ) -> tuple[torch.Tensor, ...]:
-    """Backward pass 1 of :func:`_lean_statistics`'s gate: ``dzh``, the gradients reaching
+    """Backward pass 1 of :func:`_alone_statistics`'s gate: ``dzh``, the gradients reaching
     ``mean`` and ``var`` and those of ``(w, g, beta)``, by the chain rule through
     ``invstd = rsqrt(var + eps)``, ``a = 1 / invstd``, ``b = mean``, ``p = w g``, ``q = w beta``."""
     invstd, a, b, p, q, w, g, beta, _ = args
@@ -320,47 +205,51 @@ def _fused_backward(
 
 
 @dataclass(frozen=True)
-class _Site:
-    """A kind of training-mode gate for :class:`_NormalizedGate`: its statistics kernel
-    ``(z, *params, *eps) -> (mean, var, NAM's var, invstd, a, b, p, q)`` and its first
-    backward kernel ``(dy, z, mean, var, invstd, a, b, p, q, *params, *eps) -> (dzh, dmean,
-    dvar, *dparams)``."""
+class TrainingKernels:
+    """The kernels of one kind of training-mode gate (NAM alone, or fused with the BatchNorm
+    before it) for :class:`_NormalizedGate`: its statistics kernel ``(z, *params, *eps) ->
+    (mean, var, NAM's var, invstd, a, b, p, q)`` and its first backward kernel ``(dy, z, mean,
+    var, invstd, a, b, p, q, *params, *eps) -> (dzh, dmean, dvar, *dparams)``."""
 
-    statistics: _Kernel
-    backward: _Kernel
+    statistics: Kernel
+    backward: Kernel
 
 
-_LEAN = _Site(_Kernel(_lean_statistics), _Kernel(_lean_backward))
-_FUSED = _Site(_Kernel(_fused_statistics), _Kernel(_fused_backward))
-_forward_kernel = _Kernel(_gate_forward)
-_input_grad_kernel = _Kernel(_gate_input_grad)
+ALONE_KERNELS = TrainingKernels(Kernel(_alone_statistics), Kernel(_alone_backward))
+FUSED_KERNELS = TrainingKernels(Kernel(_fused_statistics), Kernel(_fused_backward))
+gate_forward_kernel = Kernel(gate_forward)
+gate_input_grad_kernel = Kernel(gate_input_grad)
 
 
 class _NormalizedGate(torch.autograd.Function):
     """``y = (a * zh + b) * sigmoid(p * zh + q)`` with ``zh = (z - mean) * invstd`` over the
     batch statistics of ``z`` and per-channel coefficients ``(invstd, a, b, p, q)`` computed
-    from them and ``params`` by ``site``. Two passes over ``z`` forward (statistics, gate) and
+    from them and ``params`` by ``kernels``. Two passes over ``z`` forward (statistics, gate) and
     two backward (sums, input gradient), like a BatchNorm; saves ``z`` and per-channel vectors
     only. Each kernel computes its per-channel values too: no small eager operators, no
     autograd graph of its own."""
 
     @staticmethod
     def forward(
-        ctx: Any, z: torch.Tensor, site: _Site, eps: tuple[float, ...], *params: torch.Tensor
+        ctx: Any,
+        z: torch.Tensor,
+        kernels: TrainingKernels,
+        eps: tuple[float, ...],
+        *params: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         # detached: torch.compile fixes the shapes of Parameters, one compiled kernel per width
         params = tuple(t.detach() for t in params)
-        mean, var, nam_var, *coefficients = site.statistics(z, *params, *eps)
-        ctx.site, ctx.eps = site, eps
+        mean, var, nam_var, *coefficients = kernels.statistics(z, *params, *eps)
+        ctx.kernels, ctx.eps = kernels, eps
         ctx.save_for_backward(z, mean, var, *coefficients, *params)
         ctx.mark_non_differentiable(mean, var, nam_var)
-        return _forward_kernel(z, mean, *coefficients), mean, var, nam_var
+        return gate_forward_kernel(z, mean, *coefficients), mean, var, nam_var
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         z, mean, var, *rest = ctx.saved_tensors  # rest: (invstd, a, b, p, q, *params)
-        dzh, dmean, dvar, *dparams = ctx.site.backward(dy, z, mean, var, *rest, *ctx.eps)
-        dz = _input_grad_kernel(dzh, z, mean, rest[0], dmean, dvar)
+        dzh, dmean, dvar, *dparams = ctx.kernels.backward(dy, z, mean, var, *rest, *ctx.eps)
+        dz = gate_input_grad_kernel(dzh, z, mean, rest[0], dmean, dvar)
         return (dz, None, None, *dparams)
 
 
@@ -385,54 +274,10 @@ def _update_running_stats(
         rv.mul_(1 - factor).add_(unbiased.to(rv.dtype), alpha=factor)
 
 
-def _plain_bn(bn: nn.Module) -> bool:
-    # Lightning turns SyncBatchNorm back into its own `_BatchNormXd` after DDP: same forward.
-    return type(bn) is nn.BatchNorm2d or type(bn).__name__ == "_BatchNormXd"
-
-
-def _kernel_dtypes(x: torch.Tensor, bn: nn.Module) -> bool:
-    """A float32/float64 input, or a bfloat16/float16 one to a BatchNorm whose parameters and
-    statistics are float32 (mixed precision, autocast): the kernels then compute in float32 and
-    return x's dtype. A model cast to low precision as a whole takes the plain operators."""
-    if x.dtype in (torch.float32, torch.float64):
-        return True
-    state = (getattr(bn, name, None) for name in ("weight", "bias", "running_mean", "running_var"))
-    return x.dtype in (torch.bfloat16, torch.float16) and all(
-        t.dtype == torch.float32 for t in state if t is not None
-    )
-
-
-# Under torch.compile(model) the training function below is traced into the model's graph.
-# torch 2.14 traces it exactly (tests/test_functional.py); Dynamo of torch 2.11 mis-wires its
-# saved tensors: a fused site's gradients came out wrong, NAM alone failed to trace. Before
-# 2.14 a model being compiled takes the plain operators, which Inductor fuses itself.
-_TRACEABLE = torch.__version__ >= "2.14"  # a TorchVersion: compares as a version
-
-
-def lean_applies(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether the lean path reproduces ``bn``: a plain, affine BatchNorm normalising with batch
-    statistics (training mode), on an input of a dtype the kernels take (:func:`_kernel_dtypes`).
-    SyncBatchNorm needs its cross-device statistics: not covered."""
-    return (
-        (_TRACEABLE or not torch.compiler.is_compiling())
-        and _plain_bn(bn)
-        and bn.training
-        and bool(bn.affine)
-        and x.dim() == 4
-        and _kernel_dtypes(x, bn)
-        and torch.is_grad_enabled()
-    )
-
-
-def fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bool:
-    """Whether ``bn`` followed by NAM's ``nam_bn`` can run as one fused step."""
-    return lean_applies(x, bn) and lean_applies(x, nam_bn)
-
-
 def nam_channel_gate(x: torch.Tensor, nam_bn: nn.BatchNorm2d, w: torch.Tensor) -> torch.Tensor:
     """``x * sigmoid(w * nam_bn(x))`` in training mode, saving only ``x``."""
     params = (w, nam_bn.weight, nam_bn.bias)
-    y, mean, var, _ = _NormalizedGate.apply(x, _LEAN, (nam_bn.eps,), *params)
+    y, mean, var, _ = _NormalizedGate.apply(x, ALONE_KERNELS, (nam_bn.eps,), *params)
     _update_running_stats(nam_bn, mean, var, x.numel() // x.shape[1])
     return y
 
@@ -444,7 +289,7 @@ def bn_nam_channel_gate(
     in one statistics pass and one elementwise pass over ``z``."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     params = (w, bn.weight, bn.bias, nam_bn.weight, nam_bn.bias)
-    y, mean, var, var_x = _NormalizedGate.apply(z, _FUSED, (bn.eps, nam_bn.eps), *params)
+    y, mean, var, var_x = _NormalizedGate.apply(z, FUSED_KERNELS, (bn.eps, nam_bn.eps), *params)
     count = z.numel() // z.shape[1]
     _update_running_stats(bn, mean, var, count)
     _update_running_stats(nam_bn, _view(bn.bias.detach()), var_x, count)  # NAM's mean: beta1
@@ -459,26 +304,6 @@ def bn_nam_channel_gate(
 # ``p = a * alpha``, ``q = a * beta + b``: one compiled pass instead of five operators.
 
 
-def eval_applies(x: torch.Tensor, bn: nn.Module) -> bool:
-    """Whether ``bn`` is a BatchNorm normalising with its running statistics (eval mode) and
-    ``x`` an (N, C, H, W) input the kernels take (:func:`_kernel_dtypes`) under no gradient.
-    Under autograd the plain operators run, so gradients stay PyTorch's."""
-    return (
-        (_plain_bn(bn) or type(bn) is nn.SyncBatchNorm)
-        and not bn.training
-        and getattr(bn, "running_mean", None) is not None
-        and getattr(bn, "running_var", None) is not None
-        and x.dim() == 4
-        and _kernel_dtypes(x, bn)
-        and not torch.is_grad_enabled()
-    )
-
-
-def eval_fusion_applies(x: torch.Tensor, bn: nn.Module, nam_bn: nn.Module) -> bool:
-    """Whether ``bn`` followed by NAM's ``nam_bn`` can run as one eval-mode pass."""
-    return eval_applies(x, bn) and eval_applies(x, nam_bn)
-
-
 def normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> torch.Tensor:
     """NAM's weights ``|scale| / (sum |scale| + removed)``, with an all-zero sum giving zeros,
     not NaN."""
@@ -489,7 +314,7 @@ def normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> 
     return magnitude / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def bn_affine(
+def _bn_affine(
     mean: torch.Tensor,
     var: torch.Tensor,
     eps: float,
@@ -511,7 +336,8 @@ def bn_affine(
 BNState = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, torch.Tensor | None]
 
 
-def _bn_state(bn: nn.Module) -> BNState:
+def bn_state(bn: nn.Module) -> BNState:
+    """``bn``'s eval-mode state as kernel arguments."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     assert bn.running_mean is not None and bn.running_var is not None
     # detached: torch.compile fixes the shapes of Parameters, one compiled kernel per width
@@ -520,35 +346,35 @@ def _bn_state(bn: nn.Module) -> BNState:
     return bn.running_mean, bn.running_var, bn.eps, weight, bias
 
 
-def _eval_nam_constants(removed: torch.Tensor | None, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
+def eval_nam_constants(removed: torch.Tensor | None, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
     """``(a, b)`` of a NAM gate in eval mode, ``x * sigmoid(a * x + b)``, from its BatchNorm (a
     BNState) and the ``pruned_mass`` of its weights (None for the spatial gate)."""
-    scale, shift = bn_affine(*nam_bn)
+    scale, shift = _bn_affine(*nam_bn)
     w = normalised_abs(nam_bn[3], removed)
     return w * scale, w * shift
 
 
-def _eval_site_constants(removed: torch.Tensor, *states: Any) -> tuple[torch.Tensor, ...]:
+def eval_site_constants(removed: torch.Tensor, *states: Any) -> tuple[torch.Tensor, ...]:
     """``(p, q, alpha, beta)`` of a site in eval mode, ``y = (alpha * z + beta) *
     sigmoid(p * z + q)`` from the site BatchNorm's input ``z``; ``states``: the BNStates of the
     site's BatchNorm and of NAM's."""
-    alpha, beta = bn_affine(*states[:5])
-    a, b = _eval_nam_constants(removed, *states[5:])
+    alpha, beta = _bn_affine(*states[:5])
+    a, b = eval_nam_constants(removed, *states[5:])
     return a * alpha, a * beta + b, alpha, beta
 
 
 def eval_channel_gate(x: torch.Tensor, nam_bn: nn.Module, removed: torch.Tensor) -> torch.Tensor:
     """NAM's ``x * sigmoid(w * nam_bn(x))`` with ``nam_bn`` in eval mode and
     ``w = |gamma| / (sum |gamma| + removed)``, in one pass over ``x``."""
-    return _gate_kernel(x, *_eval_nam_constants_kernel(removed, *_bn_state(nam_bn)))
+    return gate_kernel(x, *eval_nam_constants_kernel(removed, *bn_state(nam_bn)))
 
 
 def eval_bn_channel_gate(
     z: torch.Tensor, bn: nn.Module, nam_bn: nn.Module, removed: torch.Tensor
 ) -> torch.Tensor:
     """The same after ``x = bn(z)``, both BatchNorms in eval mode, in one pass over ``z``."""
-    constants = _eval_site_constants_kernel(removed, *_bn_state(bn), *_bn_state(nam_bn))
-    return _bn_gate_kernel(z, *constants)
+    constants = eval_site_constants_kernel(removed, *bn_state(bn), *bn_state(nam_bn))
+    return bn_gate_kernel(z, *constants)
 
 
 def _logit_base2(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -576,27 +402,13 @@ def _bn_gate(
 
 
 # One fused pass over memory each (compiled), as cheap as the BatchNorm a site replaces; eager
-# PyTorch makes a pass and a fresh tensor per operator (+9% on resnet50). Two functions, not
-# one with optional arguments: torch.compile keeps a cache per function. Used by the eval path
-# above and by nam_lightning.fold.
-_gate_kernel = _Kernel(_gate)
-_bn_gate_kernel = _Kernel(_bn_gate)
+# PyTorch would make a pass and a fresh tensor per operator. Two functions, not one with
+# optional arguments: torch.compile keeps a cache per function. Used by the eval path above and
+# by nam_lightning.fold.
+gate_kernel = Kernel(_gate)
+bn_gate_kernel = Kernel(_bn_gate)
 # The eval path's per-channel constants: a dozen operators on C values, which as eager calls
 # cost more than the pass itself on small feature maps. Compiled apart from the pass: inlined
-# into it, Inductor would work them out again for every element (2x slower at 256x56x56).
-_eval_nam_constants_kernel = _Kernel(_eval_nam_constants)
-_eval_site_constants_kernel = _Kernel(_eval_site_constants)
-
-
-__all__ = [
-    "bn_affine",
-    "bn_nam_channel_gate",
-    "eval_applies",
-    "eval_bn_channel_gate",
-    "eval_channel_gate",
-    "eval_fusion_applies",
-    "fusion_applies",
-    "lean_applies",
-    "nam_channel_gate",
-    "normalised_abs",
-]
+# into it, Inductor would work them out again for every element.
+eval_nam_constants_kernel = Kernel(eval_nam_constants)
+eval_site_constants_kernel = Kernel(eval_site_constants)

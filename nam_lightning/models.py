@@ -1,7 +1,7 @@
 """Image classifiers for the command line: any torchvision model by name, or a small ResNet.
 
-:class:`ImageClassifier` is an ordinary LightningModule (cross-entropy, SGD with cosine decay,
-torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAMCallback`.
+:class:`ImageClassifier` is an ordinary LightningModule (cross-entropy, SGD under a one-cycle
+schedule, torchmetrics accuracy); NAM and its penalty come from :class:`~nam_lightning.NAMCallback`.
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ class ImageClassifier(pl.LightningModule):
         cifar_stem: for torchvision models on small images: a 3x3 stride-1 first conv and no
             max-pool.
         lr: peak SGD learning rate.
-        schedule: ``"onecycle"``: warm up to ``lr`` over the first 15% of the steps, then
-            anneal to ~0 (training from scratch); ``"cosine"``: start at ``lr`` and decay to 0
-            with no warm-up (fine-tuning trained or pruned weights, which a warm-up back to a
-            high learning rate would undo). :meth:`finetuning` switches to it.
-        momentum: SGD momentum.
+        schedule: ``"onecycle"`` (training from scratch): ``OneCycleLR`` rises from
+            ``lr / 25`` to ``lr`` over the first 15% of the steps, then anneals (cosine) to
+            ``lr / 2.5e5``; ``"cosine"`` (fine-tuning trained or pruned weights, which a
+            warm-up back to a high rate would undo): starts at ``lr`` and decays to 0 with no
+            warm-up. :meth:`finetuning` switches to it.
+        momentum: SGD momentum. Under ``"onecycle"`` the schedule cycles the momentum from
+            0.95 to 0.85 and back (``OneCycleLR``'s defaults), so this value is not used.
         weight_decay: SGD weight decay (not applied to BatchNorm scale factors, which carry the
             L1 sparsity penalty instead).
         channels_last: use the channels-last memory format (faster convolutions on GPUs).

@@ -1,5 +1,6 @@
-"""Helpers shared by the test files: models, BatchNorm set-ups and the model snapshot that
-"a failed operation leaves the model as it was" is checked against."""
+"""Helpers shared by the test files: models, BatchNorm set-ups, the model snapshot that
+"a failed operation leaves the model as it was" is checked against, and reference formulas
+written out with PyTorch's operators."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import BasicBlock
 
-from nam_lightning import NAMChannelAttention
+from nam_lightning import NAM, NAMChannelAttention
 
 
 class Net(torchvision.models.ResNet):
@@ -114,3 +115,13 @@ def assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
     assert after["attrs"] == before["attrs"]
     if before["output"] is not None:
         assert torch.equal(after["output"], before["output"])
+
+
+def reference(bn1: nn.BatchNorm2d, nam: NAM, x: torch.Tensor) -> torch.Tensor:
+    """BN, then NAM written out: z = BN2(x1); w = |g2| / (sum|g2| + pruned); x1 * sigmoid(w z)."""
+    x1 = bn1(x)
+    bn2 = nam.channel.bn
+    z = bn2(x1)
+    g = bn2.weight.detach() if nam.channel.detach_weights else bn2.weight
+    w = g.abs() / (g.abs().sum() + nam.channel.pruned_mass)
+    return x1 * torch.sigmoid(z * w.view(1, -1, 1, 1))

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet
 
-from nam_lightning import NAM, NAMSite, functional, inject_nam, prune_channels, remove_nam
+from nam_lightning import NAM, NAMSite, functional, inject_nam, kernels, prune_channels, remove_nam
 from nam_lightning.fold import FoldedNAM, fold_nam
 
 SIZE = 32
@@ -90,7 +90,7 @@ def plain(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def kernel_calls() -> Iterator[list[Any]]:
     """The NAM kernels called inside the block, in order (each runs its plain function)."""
     calls: list[Any] = []
-    with mock.patch.object(functional._Kernel, "__call__", autospec=True) as call:
+    with mock.patch.object(kernels.Kernel, "__call__", autospec=True) as call:
         call.side_effect = lambda kernel, *args: calls.append(kernel) or kernel.fn(*args)
         yield calls
 
@@ -222,7 +222,7 @@ def test_unfolded_eval_inference_runs_one_pass_per_site_and_matches_the_plain_op
 ):
     x = torch.randn(2, 3, SIZE, SIZE)
     model = build(name, spatial, x)
-    one_site = [functional._eval_site_constants_kernel, functional._bn_gate_kernel]
+    one_site = [functional.eval_site_constants_kernel, functional.bn_gate_kernel]
     with kernel_calls() as calls:
         model(x)
     assert calls == one_site * count_sites(model)
@@ -246,8 +246,8 @@ def test_eval_kernels_serve_every_width_and_many_variants():
             randomise_bns(site, seed=c)
             x = torch.randn(n, c, h, w, dtype=dtype)
             torch.testing.assert_close(site(x), plain(site, x), rtol=0, atol=1e-6)
-    assert functional._eval_site_constants_kernel.enabled
-    assert functional._bn_gate_kernel.enabled
+    assert functional.eval_site_constants_kernel.enabled
+    assert functional.bn_gate_kernel.enabled
 
 
 @torch.no_grad()
@@ -310,14 +310,14 @@ def test_eval_kernels_stay_out_where_they_do_not_apply(case):
     with kernel_calls() as calls, torch.set_grad_enabled(case in ("training", "grad")):
         model(x)
     eval_kernels = [
-        functional._eval_nam_constants_kernel,
-        functional._gate_kernel,
-        functional._eval_site_constants_kernel,
-        functional._bn_gate_kernel,
+        functional.eval_nam_constants_kernel,
+        functional.gate_kernel,
+        functional.eval_site_constants_kernel,
+        functional.bn_gate_kernel,
     ]
     nam_alone = eval_kernels[:2] if case == "no_running_stats" else []
     assert [k for k in calls if k in eval_kernels] == nam_alone
-    assert calls or case != "training"  # training took the lean path's own kernels
+    assert calls or case != "training"  # training took the NAM-alone path's own kernels
 
 
 @torch.no_grad()
@@ -334,7 +334,7 @@ def test_flop_counting_sees_the_plain_operators_and_keeps_the_kernels_compiled()
             out = model(x)
     torch.testing.assert_close(out, plain(model, x), rtol=0, atol=1e-6)
     assert counter.get_total_flops() > 0
-    kernels = (functional._eval_site_constants_kernel, functional._bn_gate_kernel)
+    kernels = (functional.eval_site_constants_kernel, functional.bn_gate_kernel)
     assert all(k.enabled for k in kernels)
 
 
@@ -450,7 +450,7 @@ def test_fx_symbolic_trace_records_the_plain_operators_and_keeps_kernels_compile
         warnings.simplefilter("error")  # the fallback warning would fail the test
         graph = torch.fx.symbolic_trace(model)
     torch.testing.assert_close(graph(x), model(x), rtol=0, atol=1e-6)
-    assert all(k.enabled for k in (functional._gate_kernel, functional._bn_gate_kernel))
+    assert all(k.enabled for k in (functional.gate_kernel, functional.bn_gate_kernel))
 
 
 def test_folded_spatial_attention_rejects_another_resolution():

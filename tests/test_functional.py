@@ -1,4 +1,4 @@
-"""The lean and fused NAM training paths equal the straightforward formula exactly."""
+"""The NAM-alone and fused NAM training paths equal the straightforward formula exactly."""
 
 from __future__ import annotations
 
@@ -8,22 +8,14 @@ import warnings
 
 import pytest
 import torch
+from helpers import reference
 from torch import nn
 
-from nam_lightning import NAM, NAMSite
-from nam_lightning.functional import _gate_forward, _gate_input_grad, _Kernel
+from nam_lightning import NAM, NAMSite, functional, kernels
+from nam_lightning.functional import gate_forward, gate_input_grad
+from nam_lightning.kernels import Kernel
 
 DT = torch.float64
-
-
-def reference(bn1: nn.BatchNorm2d, nam: NAM, x: torch.Tensor) -> torch.Tensor:
-    """BN, then NAM written out: z = BN2(x1); w = |g2| / (sum|g2| + pruned); x1 * sigmoid(w z)."""
-    x1 = bn1(x)
-    bn2 = nam.channel.bn
-    z = bn2(x1)
-    g = bn2.weight.detach() if nam.channel.detach_weights else bn2.weight
-    w = g.abs() / (g.abs().sum() + nam.channel.pruned_mass)
-    return x1 * torch.sigmoid(z * w.view(1, -1, 1, 1))
 
 
 def site(detach: bool, momentum: float | None = 0.1, pruned: float = 0.0) -> NAMSite:
@@ -45,7 +37,7 @@ def tensors(s: NAMSite) -> list[torch.Tensor]:
     return [bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "lean"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "alone"])
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "differentiable"])
 @pytest.mark.parametrize(("momentum", "pruned"), [(0.1, 0.0), (None, 0.7)])
 def test_paths_equal_the_formula(
@@ -80,7 +72,7 @@ def test_paths_equal_the_formula(
     assert int(ours.module.num_batches_tracked) == int(ours.nam.channel.bn.num_batches_tracked) == 3
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "lean"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "alone"])
 def test_channels_last_input_equals_the_formula(fuse: bool) -> None:
     ours = site(detach=False)
     ours.fuse = fuse
@@ -99,7 +91,7 @@ def test_channels_last_input_equals_the_formula(fuse: bool) -> None:
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
-def test_nam_on_its_own_uses_the_lean_path_exactly() -> None:
+def test_nam_on_its_own_uses_the_alone_path_exactly() -> None:
     nam = NAM(6, detach_weights=False).to(DT).train()
     with torch.no_grad():
         nam.channel.bn.weight.uniform_(-1.5, 1.5)
@@ -145,8 +137,8 @@ def test_fused_site_saves_no_more_than_its_batchnorm() -> None:
     activation = x.numel() * 4
     assert saved_bytes(fused, x) <= bn_only + 4096  # per-channel vectors only
     assert straightforward >= bn_only + 2 * activation  # what the plain formula keeps
-    lean = saved_bytes(plain, x)  # NAM alone keeps only its input
-    assert lean <= bn_only + activation + 4096
+    alone = saved_bytes(plain, x)  # NAM alone keeps only its input
+    assert alone <= bn_only + activation + 4096
 
 
 @pytest.mark.parametrize("case", ["eval", "no_grad", "bfloat16", "sync_bn"])
@@ -164,27 +156,29 @@ def test_other_cases_take_the_plain_path(case: str) -> None:
         torch.testing.assert_close(s(x), reference(ref.module, ref.nam, x))
 
 
-@pytest.mark.parametrize("kind", ["lean", "fused"])
+@pytest.mark.parametrize("kind", ["alone", "fused"])
 def test_compiled_kernels_equal_the_eager_math(kind: str) -> None:
-    from nam_lightning.functional import _FUSED, _LEAN, _forward_kernel, _input_grad_kernel
-
-    site, n_params, eps = (_LEAN, 3, (1e-5,)) if kind == "lean" else (_FUSED, 5, (1e-5, 1e-3))
+    pair, n_params, eps = (
+        (functional.ALONE_KERNELS, 3, (1e-5,))
+        if kind == "alone"
+        else (functional.FUSED_KERNELS, 5, (1e-5, 1e-3))
+    )
     z = torch.randn(4, 6, 5, 7)
     params = [torch.randn(6) for _ in range(n_params)]
-    statistics = site.statistics(z, *params, *eps)
-    for a, b in zip(statistics, site.statistics.fn(z, *params, *eps), strict=True):
+    statistics = pair.statistics(z, *params, *eps)
+    for a, b in zip(statistics, pair.statistics.fn(z, *params, *eps), strict=True):
         torch.testing.assert_close(a, b)
     mean, var, _, *coefficients = statistics
     gate = (mean, *coefficients)
-    torch.testing.assert_close(_forward_kernel(z, *gate), _gate_forward(z, *gate))
+    torch.testing.assert_close(functional.gate_forward_kernel(z, *gate), gate_forward(z, *gate))
     dy = torch.randn_like(z)
     args = (dy, z, mean, var, *coefficients, *params, *eps)
-    for a, b in zip(site.backward(*args), site.backward.fn(*args), strict=True):
+    for a, b in zip(pair.backward(*args), pair.backward.fn(*args), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     invstd, dmean, dvar = coefficients[0], torch.randn(1, 6, 1, 1), torch.randn(1, 6, 1, 1)
     count = z.numel() // z.shape[1]
     expected = dy * invstd + dmean / count + dvar * (2 / count) * (z - mean)
-    for fn in (_input_grad_kernel, _gate_input_grad):
+    for fn in (functional.gate_input_grad_kernel, gate_input_grad):
         dzh = dy.clone()
         dz = fn(dzh, z, mean, invstd, dmean, dvar)
         assert dz is dzh  # written over its input: no fresh activation-sized tensor
@@ -196,10 +190,8 @@ def test_inductor_options_are_ones_this_torch_accepts() -> None:
     the kernels would then run eagerly: every option asked for is known here, and accepted."""
     from torch._inductor import config
 
-    from nam_lightning.functional import _inductor_options
-
     known = config.get_config_copy()
-    options = _inductor_options(known)
+    options = kernels.inductor_options(known)
     assert set(options) <= set(known)
     assert all(type(value) is type(known[name]) for name, value in options.items())
     torch.compile(lambda t: t + 1, options=options)  # checks the options; compiles on first call
@@ -218,8 +210,6 @@ def test_inductor_options_for_an_older_torch() -> None:
     pytorch/pytorch has it: one opcount and one accumulated-reads threshold for every device,
     no op-users threshold, an on/off contraction flag) gets each option under the name and
     type it has there, and nothing it would refuse."""
-    from nam_lightning.functional import _inductor_options
-
     older = {
         "realize_reads_threshold": 4,
         "realize_opcount_threshold": 30,
@@ -227,7 +217,7 @@ def test_inductor_options_for_an_older_torch() -> None:
         "cpp.enable_floating_point_contract_flag": False,
         "max_autotune": False,
     }
-    assert _inductor_options(older) == {
+    assert kernels.inductor_options(older) == {
         "realize_reads_threshold": 1000,
         "realize_opcount_threshold": 1000,
         "realize_acc_reads_threshold": 1000,
@@ -246,13 +236,11 @@ def test_kernel_keeps_many_variants_where_torch_compile_takes_no_limit(monkeypat
     then."""
     from torch._dynamo import config as dynamo_config
 
-    from nam_lightning import functional
-
     monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
-    monkeypatch.setattr(functional, "_RECOMPILE_LIMIT", {})  # as on a torch without the option
+    monkeypatch.setattr(kernels, "RECOMPILE_LIMIT", {})  # as on a torch without the option
     limit = dynamo_config.recompile_limit
     assert limit < 10
-    kernel = _Kernel(lambda t: t * 2 + 1)
+    kernel = Kernel(lambda t: t * 2 + 1)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="nam_lightning")  # no fallback
         for rank in range(1, 11):  # each rank a variant of its own
@@ -277,11 +265,11 @@ def test_kernel_falls_back_to_eager_once_when_compiling_fails(monkeypatch, when:
 
     monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
     monkeypatch.setattr(torch, "compile", broken_compile)
-    kernel = _Kernel(_gate_forward)
+    kernel = Kernel(gate_forward)
     z, coefficients = torch.randn(2, 3, 4, 4), [torch.rand(1, 3, 1, 1) + 0.5 for _ in range(6)]
     with pytest.warns(UserWarning, match=r"failed \(RuntimeError: no C\+\+ compiler\); running"):
         out = kernel(z, *coefficients)
-    torch.testing.assert_close(out, _gate_forward(z, *coefficients))
+    torch.testing.assert_close(out, gate_forward(z, *coefficients))
     assert not kernel.enabled
 
 
@@ -291,7 +279,7 @@ def test_kernel_input_errors_propagate_and_keep_it_compiled(monkeypatch) -> None
 
     monkeypatch.delenv("NAM_LIGHTNING_COMPILE", raising=False)  # the compiling path
     monkeypatch.setattr(torch, "compile", checking_compile)
-    kernel = _Kernel(_gate_forward)
+    kernel = Kernel(gate_forward)
     bad = [torch.rand(1, 5, 1, 1) for _ in range(6)]  # 5 channels for a 3-channel input
     with pytest.raises(RuntimeError, match="size of tensor"):
         kernel(torch.randn(2, 3, 4, 4), *bad)
@@ -320,12 +308,12 @@ def test_a_compiled_model_trains_as_the_eager_one(monkeypatch, traceable: bool) 
     function is traced into the model's graph, or, on a torch older than 2.14 (whose Dynamo
     mis-wired it), the sites run the plain operators: same loss, gradients and running
     statistics as the eager model with its kernels."""
-    from nam_lightning import functional, inject_nam
+    from nam_lightning import inject_nam
     from nam_lightning.models import small_resnet
 
-    if traceable and not functional._TRACEABLE:
+    if traceable and not kernels.TRACEABLE:
         pytest.skip("this torch's Dynamo mis-wires the traced function: gradients come out wrong")
-    monkeypatch.setattr(functional, "_TRACEABLE", traceable)
+    monkeypatch.setattr(kernels, "TRACEABLE", traceable)
 
     torch.manual_seed(0)
     eager = small_resnet(10, in_channels=1)

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from test_functional import reference
+from helpers import reference
 from torch import nn
 
 from nam_lightning import NAM, NAMSite, fold_nam
@@ -52,7 +52,7 @@ def assert_rounded_once(y: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype
 @pytest.mark.parametrize("part", ["site", "nam"], ids=["fused site", "NAM alone"])
 def test_training_step_rounds_the_float64_result_once(dtype: torch.dtype, part: str) -> None:
     full = site(training=True)
-    # the fused site (BatchNorm and NAM in one step), or NAM on its own input (the lean path)
+    # the fused site (BatchNorm and NAM in one step), or NAM on its own input (NAM alone)
     ours: nn.Module = full if part == "site" else full.nam
     exact = copy.deepcopy(ours).double()
     bns = [m for m in ours.modules() if isinstance(m, nn.BatchNorm2d)]
