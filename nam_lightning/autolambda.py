@@ -10,8 +10,13 @@ penalty can be aimed instead:
 2. Plan: the channels that pruning *would* remove now are found by a dry run of the real
    pruning (same configuration, model restored exactly), again every ``replan`` of the
    training, so a channel that turns out to matter can leave the set.
-3. Penalty: ``lambda * sign(gamma)`` is added to the gradient of the planned channels' scale
-   factors only; the channels that will be kept train freely.
+3. Penalty: ``lambda * gamma`` is added to the gradient of the planned channels' scale
+   factors only (the gradient of ``lambda / 2 * sum gamma^2`` over them); the channels that
+   will be kept train freely. A decay rather than the L1 subgradient ``lambda * sign(gamma)``:
+   L1 takes every planned scale factor down by the same step, so the planned mass vanishes in
+   a few steps once lambda is large enough, and the network loses at once what those channels
+   carried; a decay shrinks the mass geometrically, at a rate that lambda sets, which the
+   schedule below can follow.
 4. Control: the planned channels' share of the ``|gamma|`` mass should fall geometrically from
    its value at the first plan to ``final_share`` by ``settle`` of the training, and stay
    there. The controller steers how fast the share falls, not where it is: every optimizer

@@ -43,6 +43,7 @@ from .report import PruneReport
 from .sparsity import (
     Targets,
     add_l1_subgradient_,
+    add_masked_decay_,
     check_targets,
     l1_norm,
     masked_share,
@@ -58,10 +59,11 @@ class NAMCallback(Callback):
     Args:
         lambda_: weight of the L1 penalty ``lambda_ * sum |gamma|`` (the paper uses 1e-4;
             Network Slimming uses 1e-5 for deep ResNets). 0 disables the penalty.
-            ``"auto"`` (needs ``prune``): lambda is set during training so that the channels
-            pruning will remove end with almost no ``|gamma|`` mass, and only those channels
-            are penalised (see :class:`~nam_lightning.AutoLambda`; pass one to change its
-            start, rate or schedule). Logged as ``nam/lambda`` and ``nam/pruned_mass``.
+            ``"auto"`` (needs ``prune``): only the channels pruning will remove are penalised,
+            by a decay ``lambda * gamma`` whose lambda is set during training so that they
+            end with almost no ``|gamma|`` mass (see :class:`~nam_lightning.AutoLambda`; pass
+            one to change its start, rate or schedule); ``targets`` then does not apply.
+            Logged as ``nam/lambda`` and ``nam/pruned_mass``.
         targets: which scale factors are penalised: ``"nam"`` (NAM's own, as in the paper),
             ``"bn"`` (every backbone BatchNorm, Network Slimming) or ``"all"`` (both; pruning
             needs sparse backbone BatchNorms).
@@ -232,7 +234,7 @@ class NAMCallback(Callback):
                 return
             params, masks = self._masked
             mine = [i for i, p in enumerate(params) if id(p) in stepped]
-            add_l1_subgradient_(
+            add_masked_decay_(
                 [params[i] for i in mine], self.lambda_ * scale, [masks[i] for i in mine]
             )
             return

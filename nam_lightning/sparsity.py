@@ -71,11 +71,7 @@ def l1_norm(params: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_l1_subgradient_(
-    params: Iterable[torch.Tensor],
-    lambda_: float,
-    masks: Sequence[torch.Tensor] | None = None,
-) -> None:
+def add_l1_subgradient_(params: Iterable[torch.Tensor], lambda_: float) -> None:
     """``p.grad += lambda_ * sign(p)`` for every ``p`` that has a gradient, in one pass.
 
     This is the gradient of ``lambda_ * sum |p|`` (``sign(0) = 0``, as autograd's ``abs``).
@@ -84,24 +80,39 @@ def add_l1_subgradient_(
     Args:
         params: the scale factors (e.g. :func:`scale_factors`), or one tensor.
         lambda_: the penalty's weight, a finite float >= 0.
-        masks: optional, one tensor of ``p``'s shape per parameter, 1 where the penalty
-            applies and 0 elsewhere: the gradient of ``lambda_ * sum |p * mask|``.
     """
     params = _tensors(params)
     check_finite_float("lambda_", lambda_, zero_ok=True)
-    if masks is not None and len(masks) != len(params):
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad or lambda_ == 0:
+        return
+    grads = [p.grad for p in with_grad if p.grad is not None]
+    torch._foreach_add_(grads, torch._foreach_sign(with_grad), alpha=lambda_)
+
+
+@torch.no_grad()
+def add_masked_decay_(
+    params: Sequence[torch.Tensor], lambda_: float, masks: Sequence[torch.Tensor]
+) -> None:
+    """``p.grad += lambda_ * p * mask`` for every ``p`` that has a gradient: the gradient of
+    ``lambda_ / 2 * sum (p * mask)^2``, which shrinks the masked entries geometrically.
+
+    Args:
+        params: the scale factors.
+        lambda_: the decay's weight, a finite float >= 0.
+        masks: one tensor of ``p``'s shape per parameter, 1 where the decay applies, else 0.
+    """
+    check_finite_float("lambda_", lambda_, zero_ok=True)
+    if len(masks) != len(params):
         raise ValueError(
             f"`masks` must hold one tensor per parameter ({len(params)}), got {len(masks)}"
         )
     keep = [i for i, p in enumerate(params) if p.grad is not None]
     if not keep or lambda_ == 0:
         return
-    with_grad = [params[i] for i in keep]
-    grads = [p.grad for p in with_grad if p.grad is not None]
-    signs = torch._foreach_sign(with_grad)
-    if masks is not None:
-        torch._foreach_mul_(signs, [masks[i] for i in keep])
-    torch._foreach_add_(grads, signs, alpha=lambda_)
+    grads = [params[i].grad for i in keep]
+    decay = torch._foreach_mul([params[i].detach() for i in keep], [masks[i] for i in keep])
+    torch._foreach_add_(grads, decay, alpha=lambda_)  # type: ignore[arg-type]
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nam_lightning import AutoLambda
-from nam_lightning.sparsity import add_l1_subgradient_, masked_share
+from nam_lightning.sparsity import add_masked_decay_, masked_share
 
 TOTAL = 400
 
@@ -33,15 +33,16 @@ def test_lambda_moves_by_the_rate_towards_the_schedule() -> None:
 
 
 def toy_training(auto: AutoLambda) -> tuple[list[float], list[float]]:
-    """A stand-in for the planned channels' mass: the penalty shrinks it by lr * lambda per
-    step, the loss pulls it back towards its starting value; the share is mass / (mass + 1)."""
+    """A stand-in for the planned channels' mass: the decay shrinks it by a factor
+    1 - 2 * lambda per step, the loss pulls it back towards its starting value; the share is
+    mass / (mass + 1)."""
     mass, shares, lambdas = 1.0, [], []
     for step in range(TOTAL):
         if step < round(auto.warmup * TOTAL):
             continue
         share = mass / (mass + 1.0)
         lam = auto.update(share, step, TOTAL)
-        mass = max(0.0, mass - 2.0 * lam + 0.01 * (1.0 - mass) * share)
+        mass = max(0.0, mass * (1.0 - 2.0 * lam) + 0.01 * (1.0 - mass) * share)
         shares.append(share)
         lambdas.append(lam)
     return shares, lambdas
@@ -90,7 +91,7 @@ def test_bad_settings_are_refused(kwargs: dict, error: type, match: str) -> None
         AutoLambda(**kwargs)
 
 
-def test_masked_subgradient_is_the_gradient_of_the_masked_l1() -> None:
+def test_masked_decay_is_the_gradient_of_the_masked_square() -> None:
     params = [torch.randn(5, requires_grad=True), torch.randn(3, requires_grad=True)]
     masks = [torch.tensor([1.0, 0, 1, 0, 0]), torch.tensor([0.0, 1, 1])]
     for p in params:
@@ -98,10 +99,10 @@ def test_masked_subgradient_is_the_gradient_of_the_masked_l1() -> None:
     expected = []
     for p, m in zip(params, masks, strict=True):
         q = p.detach().clone().requires_grad_()
-        (0.3 * (q * m).abs().sum()).backward()
+        (0.3 / 2 * (q * m).square().sum()).backward()
         assert p.grad is not None and q.grad is not None
         expected.append(p.grad + q.grad)
-    add_l1_subgradient_(params, 0.3, masks)
+    add_masked_decay_(params, 0.3, masks)
     for p, e in zip(params, expected, strict=True):
         torch.testing.assert_close(p.grad, e)
 
