@@ -106,7 +106,7 @@ class NAMCallback(Callback):
         elif isinstance(lambda_, AutoLambda):
             auto = lambda_
         elif isinstance(lambda_, str):
-            raise ValueError(f"`lambda_` must be a float >= 0 or 'auto', got {lambda_!r}")
+            raise TypeError(f"`lambda_` must be a float >= 0 or 'auto', got str {lambda_!r}")
         else:
             check_finite_float("lambda_", lambda_, zero_ok=True)
         check_targets(targets)
@@ -298,9 +298,12 @@ class NAMCallback(Callback):
             )
         _copy_from_rank_zero(pl_module)
         self.pruned_path = self._save_pruned(trainer)
-        rank_zero_info(
-            f"NAMCallback: pruned the model\n{self.report.table()}\nSaved {self.pruned_path}"
+        saved = (
+            f"Saved {self.pruned_path}"
+            if self.pruned_path is not None
+            else "Not saved (checkpointing is off): save it with trainer.save_checkpoint(path)."
         )
+        rank_zero_info(f"NAMCallback: pruned the model\n{self.report.table()}\n{saved}")
         metrics = {
             "prune/params_ratio": self.report.params_ratio,
             "prune/flops_ratio": self.report.flops_ratio,
@@ -326,20 +329,32 @@ class NAMCallback(Callback):
         if self.log_on == "epoch":
             self._log(pl_module, on_step=False)
 
-    def _save_pruned(self, trainer: pl.Trainer) -> Path:
-        """Save the pruned model (weights and record, no optimizer state) next to the trainer's
-        checkpoints, and drop the optimizer state: it belongs to the unpruned parameters, so
-        no later ``trainer.save_checkpoint`` can write it with the pruned model."""
-        checkpoint = trainer.checkpoint_callback
-        dirpath = getattr(checkpoint, "dirpath", None) or trainer.default_root_dir
+    def _save_pruned(self, trainer: pl.Trainer) -> Path | None:
+        """Drop the optimizer state (it belongs to the unpruned parameters, so no later
+        ``trainer.save_checkpoint`` can write it with the pruned model) and save the pruned
+        model, weights and record, next to the trainer's checkpoints (none when checkpointing
+        is off)."""
+        trainer.strategy.optimizers = []
+        trainer.strategy.lr_scheduler_configs = []
+        checkpointing = trainer.checkpoint_callback
+        if checkpointing is None:
+            return None
+        dirpath = getattr(checkpointing, "dirpath", None) or trainer.default_root_dir
         path = Path(dirpath) / "pruned.ckpt"
         version = 0
         while path.exists():  # an earlier fit's pruned model is kept
             version += 1
             path = Path(dirpath) / f"pruned-v{version}.ckpt"
-        trainer.save_checkpoint(path, weights_only=True)
-        trainer.strategy.optimizers = []
-        trainer.strategy.lr_scheduler_configs = []
+        pl_module = trainer.lightning_module
+        checkpoint = {  # as Lightning's weights-only checkpoint, with this callback's entry
+            "pytorch-lightning_version": pl.__version__,
+            "state_dict": pl_module.state_dict(),
+            pl_module.CHECKPOINT_HYPER_PARAMS_KEY: dict(pl_module.hparams),
+            # makes Lightning call on_load_checkpoint on a resume, which then refuses it
+            "callbacks": {self.state_key: {"pruned_at_end": True}},
+        }
+        trainer.strategy.save_checkpoint(checkpoint, path)
+        trainer.strategy.barrier("NAMCallback.save_pruned")
         return path
 
     @override

@@ -240,17 +240,21 @@ def removal_plan(
     model: nn.Module, example_inputs: Any, config: PruneConfig
 ) -> dict[str, list[int]]:
     """The channels ``config.apply(model, example_inputs)`` would remove now, without removing
-    them: for each BatchNorm that would lose channels, its weight's name and the indices lost.
+    them: for each BatchNorm that ranks channels (the backbone's, or NAM's with
+    ``importance="nam"``) and would lose some, its weight's name and the indices lost.
 
     A dry run of the real pruning: every BatchNorm's bias is replaced by its channel indices
     (the bias takes no part in the ranking, and the surgery cuts it like the weight), the
     model is pruned, the surviving indices are read back, and the model is restored exactly.
     """
+    ranking = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
+    use_nam = config.importance == "nam"
     marked: dict[str, tuple[_BatchNorm, int]] = {}
     snapshot = _Snapshot(model)
     try:
         for name, module in model.named_modules():
-            if isinstance(module, _BatchNorm) and module.bias is not None:
+            ranks = (id(module) in ranking) == use_nam  # the BatchNorms whose gamma ranks
+            if isinstance(module, _BatchNorm) and module.bias is not None and ranks:
                 bias = module.bias
                 index = torch.arange(bias.shape[0], dtype=torch.float64, device=bias.device)
                 module.bias = nn.Parameter(index.to(bias.dtype), requires_grad=False)

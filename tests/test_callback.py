@@ -13,7 +13,14 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning_helpers import Classifier, ConfigureModelClassifier, tensors, trainer_kwargs
 
-from nam_lightning import NAMCallback, NAMChannelAttention, NAMSite, PruneConfig, load_checkpoint
+from nam_lightning import (
+    AutoLambda,
+    NAMCallback,
+    NAMChannelAttention,
+    NAMSite,
+    PruneConfig,
+    load_checkpoint,
+)
 
 LAMBDA = 1e-2  # large enough that a missing or doubled penalty shows after a few steps
 
@@ -191,7 +198,7 @@ def test_spatial_needs_example_input_array() -> None:
         ({"lambda_": -1e-4}, ValueError, r"`lambda_` must be a finite float >= 0, got -0.0001"),
         ({"lambda_": float("nan")}, ValueError, r"`lambda_` must be a finite float >= 0"),
         ({"lambda_": float("inf")}, ValueError, r"`lambda_` must be a finite float >= 0"),
-        ({"lambda_": "1e-4"}, TypeError, r"`lambda_` must be a float, got str"),
+        ({"lambda_": "1e-4"}, TypeError, r"`lambda_` must be a float >= 0 or 'auto', got str"),
         ({"lambda_": True}, TypeError, r"`lambda_` must be a float, got bool"),
         ({"targets": "gamma"}, ValueError, r"`targets` must be one of \('nam', 'bn', 'all'\)"),
         ({"sites": "everywhere"}, ValueError, r"`sites` must be 'auto', a non-empty list"),
@@ -291,3 +298,64 @@ def test_non_finite_scale_factors_stop_training_with_a_clear_message(prune: Any)
         trainer.fit(model)
     assert trainer.current_epoch == 0  # stopped at the end of the first epoch
     assert model.net[1].weight.shape == (8,)  # and never pruned
+
+
+def test_pruned_model_is_saved_without_optimizer_state_and_cannot_be_resumed(
+    tmp_path: Any,
+) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    callback = NAMCallback(LAMBDA, prune=0.5)
+    kwargs = trainer_kwargs(enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer = pl.Trainer(callbacks=[callback, ModelCheckpoint(dirpath=tmp_path)], **kwargs)
+    trainer.fit(model)
+    assert callback.pruned_path == tmp_path / "pruned.ckpt"
+    saved = torch.load(callback.pruned_path, weights_only=True)
+    assert "optimizer_states" not in saved
+    assert {k: v.shape for k, v in tensors(model).items()} == {
+        k: v.shape for k, v in saved["state_dict"].items() if torch.is_tensor(v)
+    }
+    # A checkpoint written after the pruning holds no optimizer state of the unpruned shapes.
+    trainer.save_checkpoint(tmp_path / "later.ckpt")
+    assert torch.load(tmp_path / "later.ckpt", weights_only=True)["optimizer_states"] == []
+
+    for path in (callback.pruned_path, tmp_path / "later.ckpt"):
+        rebuilt = load_checkpoint(Classifier, path)
+        before = tensors(rebuilt)
+        resume = pl.Trainer(callbacks=[NAMCallback(LAMBDA)], **trainer_kwargs())
+        with pytest.raises(RuntimeError, match=r"Fine-tune it with a new fit instead"):
+            resume.fit(rebuilt, ckpt_path=path)
+        assert resume.global_step == 0
+        for key, value in tensors(rebuilt).items():
+            assert torch.equal(value, before[key]), key
+    # A second pruning fit keeps the first file.
+    model2 = Classifier()
+    callback2 = NAMCallback(LAMBDA, prune=0.5)
+    trainer2 = pl.Trainer(callbacks=[callback2, ModelCheckpoint(dirpath=tmp_path)], **kwargs)
+    trainer2.fit(model2)
+    assert callback2.pruned_path == tmp_path / "pruned-v1.ckpt"
+
+
+def test_auto_lambda_penalises_only_the_planned_channels() -> None:
+    pl.seed_everything(0, verbose=False)
+    model = Classifier()
+    auto = AutoLambda(warmup=0.1, replan=0.5)
+    callback = NAMCallback(auto, prune=PruneConfig(amount=0.5))
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_steps=6))
+    trainer.fit(model)
+    assert callback._plan
+    assert all(name.endswith(".weight") and "nam." not in name for name in callback._plan)
+    assert callback.lambda_ == auto.lambda_ != 1e-2  # moved from its start
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lambda_": "auto"}, ValueError, r"`lambda_='auto'` .* needs `prune`"),
+        ({"lambda_": "automatic"}, TypeError, r"`lambda_` must be a float >= 0 or 'auto'"),
+        ({"lambda_": AutoLambda()}, ValueError, r"needs `prune`"),
+    ],
+)
+def test_bad_auto_lambda_arguments(kwargs: dict[str, Any], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        NAMCallback(**kwargs)
