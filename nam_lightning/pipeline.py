@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from .callback import NAMCallback
+from .checkpoint import load_checkpoint
 from .models import ImageClassifier
 from .report import PruneReport, count_flops, count_params, measure_latencies
 from .sparsity import scale_factors
@@ -134,13 +135,13 @@ def run_pipeline(
     trainer = make_trainer("train", True)
     callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
     nam = next(c for c in callbacks if isinstance(c, NAMCallback))
-    keeper = _KeepTrained()
-    callbacks.insert(callbacks.index(nam), keeper)
+    callbacks.insert(callbacks.index(nam), _SaveTrained(run_dir / "trained.ckpt"))
     trainer.fit(model, datamodule=datamodule)
-    assert keeper.model is not None and nam.report is not None and nam.pruned_path
+    assert nam.report is not None and nam.pruned_path is not None
     report = nam.report
-    measured = [measure_stage("trained", trainer, keeper.model, datamodule, batch)]
-    gammas_trained = _backbone_gammas(keeper.model)
+    trained = load_checkpoint(type(model), run_dir / "trained.ckpt")
+    measured = [measure_stage("trained", trainer, trained, datamodule, batch)]
+    gammas_trained = _backbone_gammas(trained)
     measured.append(measure_stage("pruned", trainer, model, datamodule, batch))
     if trainer.is_global_zero:
         shutil.copyfile(nam.pruned_path, run_dir / "pruned.ckpt")
@@ -175,19 +176,15 @@ def run_pipeline(
     return summary
 
 
-class _KeepTrained(Callback):
-    """Keeps a copy of the trained model as it is when training ends, before the
+class _SaveTrained(Callback):
+    """Saves the trained model (weights-only) when training ends, before the
     :class:`~nam_lightning.NAMCallback` after it in the list prunes it."""
 
-    def __init__(self) -> None:
-        self.model: pl.LightningModule | None = None
+    def __init__(self, path: Path) -> None:
+        self.path = path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.trainer = None  # not copied along
-        try:
-            self.model = copy.deepcopy(pl_module).cpu()
-        finally:
-            pl_module.trainer = trainer
+        trainer.save_checkpoint(self.path, weights_only=True)
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
