@@ -37,6 +37,8 @@ def nam_sites(model: nn.Module) -> dict[str, dict[str, Any]]:
                 "eps": nam.channel.bn.eps,
                 "fuse": module.fuse,
             }
+            if nam.channel.identity_init:  # recorded only when set: older records stay valid
+                sites[name]["identity_init"] = True
     return sites
 
 
