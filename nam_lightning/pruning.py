@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch_pruning.dependency import index_mapping
 
 from .attention import NAM, NAMChannelAttention
+from .prunable import check_channel_tensors
 from .record import PRUNING_ATTR, attach_record
 from .report import (
     PruneReport,
@@ -172,6 +173,7 @@ def prune_channels(
             f"{type(model).__name__} cannot run on `example_inputs` "
             f"({type(err).__name__}: {err}); give a batch the model takes. Nothing was changed."
         ) from err
+    check_channel_tensors(model, example_inputs)  # layers the surgery could not follow
     params_before = count_params(model)
     channels_before = layer_channels(model)
     latency_before = measure_latency(model, example_inputs) if measure else None
@@ -361,6 +363,9 @@ def _traceable() -> Iterator[list[Any]]:
       attribute name older torch versions used, then guesses them from the consumers, wrongly
       when a piece goes straight into a concatenation (ShuffleNet V2's blocks). The sizes are
       set from the autograd node instead.
+    - ``split`` with a list of sizes (timm's MixedConv2d keeps them in an attribute): the
+      forward splits by the sizes it was built with, whatever the channels left, so such
+      splits become barriers.
     - A reshape that is not a flatten, such as ShuffleNet's channel shuffle ((N, C, H, W) ->
       (N, g, C/g, H, W) -> transpose -> back), permutes channels; Torch-Pruning's index mapping
       cannot express that: it divides by zero, or passes indices through unchanged, which would
@@ -387,6 +392,8 @@ def _traceable() -> Iterator[list[Any]]:
             for node in graph.module2node.values():
                 if node.type == tp.ops.OPTYPE.SPLIT:
                     _split_sizes_from_autograd(node)
+                    if hasattr(node.grad_fn, "_saved_split_sizes"):  # sizes fixed in forward
+                        barriers.append(node.module)
         update_all(graph)
 
     index_mapping.update_index_mapping = update
