@@ -36,20 +36,21 @@ AffineState = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None, torc
 _BATCHNORM_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
-def _timm_support() -> ModuleType | None:
-    """``nam_lightning.timm_support`` when timm is imported, else None (timm is optional)."""
-    if "timm" not in sys.modules:
+def timm_support() -> ModuleType | None:
+    """``nam_lightning.timm_support`` once timm is imported (a model holding timm modules
+    has imported it), else None: timm is optional."""
+    if sys.modules.get("timm") is None:
         return None
-    from . import timm_support
+    from . import timm_support as module
 
-    return timm_support
+    return module
 
 
 def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a BatchNorm-like norm layer (one scale factor per channel)."""
     if isinstance(module, (_BatchNorm, FrozenBatchNorm2d)):
         return True
-    timm = _timm_support()
+    timm = timm_support()
     return timm is not None and isinstance(module, timm.FROZEN_NORMS)
 
 
@@ -85,5 +86,5 @@ def _plain_affine(module: nn.Module) -> bool:
         return True
     if isinstance(module, _BatchNorm) and type(module).forward in _BATCHNORM_FORWARDS:
         return not any(True for _ in module.children())
-    timm = _timm_support()
+    timm = timm_support()
     return timm is not None and bool(timm.is_plain_norm_act(module))

@@ -12,22 +12,32 @@ Every registered block gets its site, whether or not it has a skip connection in
 (a strided or widening MobileNet block has none): NAM ends the block's branch either way, as it
 does for torchvision's MobileNet and EfficientNet blocks.
 
-torchvision's blocks are registered here; timm's are registered when a model holding timm
-modules is searched (see :mod:`nam_lightning.timm_support`). Register your own with
-:func:`register_block`; a subclass of a registered type uses its nearest registered base.
+torchvision's blocks are listed here, timm's in :mod:`nam_lightning.timm_support` (used once
+timm is imported). Register your own with :func:`register_block`; a subclass of a registered
+type uses its nearest registered base.
 """
 
 from __future__ import annotations
 
-import sys
+import re
 
 from torch import nn
 from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, resnet
 
 from .attention import NAMSite
-from .norms import is_norm
+from .norms import is_norm, timm_support
 
-_AUTO_BLOCKS: dict[type[nn.Module], str] = {}
+# torchvision's blocks; timm's are in nam_lightning.timm_support, and the user's below.
+_TORCHVISION_BLOCKS: dict[type[nn.Module], str] = {
+    resnet.BasicBlock: "bn2",
+    resnet.Bottleneck: "bn3",
+    mobilenetv2.InvertedResidual: "conv",
+    mobilenetv3.InvertedResidual: "block",
+    efficientnet.MBConv: "block",
+    efficientnet.FusedMBConv: "block",
+    regnet.ResBottleneckBlock: "f",
+}
+_USER_BLOCKS: dict[type[nn.Module], str] = {}
 
 
 def register_block(block_type: type[nn.Module], branch_end: str) -> None:
@@ -60,25 +70,23 @@ def register_block(block_type: type[nn.Module], branch_end: str) -> None:
             f"`branch_end` must be an attribute path such as 'bn3' or 'conv3.bn', got "
             f"{type(branch_end).__name__}"
         )
-    if not branch_end or any(not part.isidentifier() for part in branch_end.split(".")):
+    if not re.fullmatch(r"\w+(\.\w+)*", branch_end):
         raise ValueError(
             f"`branch_end` must be an attribute path such as 'bn3' or 'conv3.bn' (names joined "
             f"by dots), got {branch_end!r}"
         )
-    _register_optional()  # so that timm's entries never replace the user's
-    _register(block_type, branch_end)
-
-
-def _register(block_type: type[nn.Module], branch_end: str) -> None:
-    _AUTO_BLOCKS[block_type] = branch_end
+    _USER_BLOCKS[block_type] = branch_end
 
 
 def registered_blocks() -> dict[type[nn.Module], str]:
-    """A copy of the registry: block type -> attribute path of its branch end. timm's entries
-    are there once timm has been imported and a model searched (or ``nam_lightning.timm_support``
-    imported)."""
-    _register_optional()
-    return dict(_AUTO_BLOCKS)
+    """The registry: block type -> attribute path of its branch end; torchvision's entries,
+    timm's once timm is imported, and the user's (which replace the others)."""
+    blocks = dict(_TORCHVISION_BLOCKS)
+    timm = timm_support()
+    if timm is not None:
+        blocks.update(timm.TIMM_BLOCKS)
+    blocks.update(_USER_BLOCKS)
+    return blocks
 
 
 def auto_sites(model: nn.Module) -> list[str]:
@@ -87,12 +95,12 @@ def auto_sites(model: nn.Module) -> list[str]:
     A site NAM already runs at is its :class:`~nam_lightning.NAMSite`'s name, so a second
     search finds the same names.
     """
-    _register_optional()
+    blocks = registered_blocks()
     names = []
     for name, block in model.named_modules():
         if isinstance(block, NAMSite):
             continue
-        branch_end = next((_AUTO_BLOCKS[t] for t in type(block).__mro__ if t in _AUTO_BLOCKS), None)
+        branch_end = next((blocks[t] for t in type(block).__mro__ if t in blocks), None)
         if branch_end is None:
             continue
         try:
@@ -116,23 +124,3 @@ def auto_sites(model: nn.Module) -> list[str]:
         if last is not None:
             names.append(f"{prefix}.{last}")
     return names
-
-
-def _register_optional() -> None:
-    """Register timm's blocks once timm is imported: a model can only hold timm modules then."""
-    if "timm" in sys.modules:
-        from . import timm_support  # registers on import
-
-        del timm_support
-
-
-for _block_type, _branch_end in (
-    (resnet.BasicBlock, "bn2"),
-    (resnet.Bottleneck, "bn3"),
-    (mobilenetv2.InvertedResidual, "conv"),
-    (mobilenetv3.InvertedResidual, "block"),
-    (efficientnet.MBConv, "block"),
-    (efficientnet.FusedMBConv, "block"),
-    (regnet.ResBottleneckBlock, "f"),
-):
-    _register(_block_type, _branch_end)
