@@ -106,3 +106,15 @@ def _check_record(
             f"{'...' if len(our_sites) > 4 else ''}; rebuild it with "
             "nam_lightning.load_checkpoint(), which reads the saved record."
         )
+    elif ours:  # same sites: each NAM must be built alike (identity_init changes its gate)
+        theirs, mine = saved["nam_sites"], ours["nam_sites"]
+        identity = {s: bool(theirs[s].get("identity_init")) for s in saved_sites}
+        differ = [s for s in saved_sites if identity[s] != bool(mine[s].get("identity_init"))]
+        if differ:
+            error_msgs.append(
+                f"the weights of the NAM site(s) {differ[:4]}{'...' if len(differ) > 4 else ''} "
+                f"were saved with identity_init={identity[differ[0]]}, but this model's NAM was "
+                f"built with identity_init={not identity[differ[0]]} (its gate is 2 * sigmoid "
+                "with the option, sigmoid without); rebuild it with "
+                "nam_lightning.load_checkpoint(), which reads the saved record."
+            )

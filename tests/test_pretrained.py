@@ -185,6 +185,19 @@ def test_the_record_rebuilds_identity_sites(tmp_path: Path):
     assert not any("identity_init" in spec for spec in specs)
 
 
+def test_plain_load_state_dict_refuses_nam_built_otherwise():
+    """The same sites, but a gate of sigmoid instead of 2 * sigmoid: the weights do not fit."""
+    model = trained_resnet()
+    inject_nam(model, identity_init=True)
+    other = trained_resnet()
+    inject_nam(other)
+    with pytest.raises(RuntimeError, match=r"saved with identity_init=True, .*identity_init=False"):
+        other.load_state_dict(model.state_dict())
+    twin = trained_resnet()
+    inject_nam(twin, identity_init=True)
+    twin.load_state_dict(model.state_dict())
+
+
 def test_callback_injects_identity_sites():
     pl.seed_everything(0, verbose=False)
     module = Classifier()
