@@ -55,7 +55,9 @@ class FoldedNAM(nn.Module):
     Args:
         gate_scale: ``(C,)`` slope of the channel gate's logit.
         gate_shift: ``(C,)`` offset of the channel gate's logit.
-        bn_scale: ``(C,)`` scale of the folded BatchNorm, or ``None``.
+        bn_scale: ``(C,)`` scale of the folded BatchNorm, or ``None``. A NAM built with
+            ``identity_init`` doubles it (and ``bn_shift``), or sets it to 2 where no
+            BatchNorm is folded.
         bn_shift: ``(C,)`` shift of the folded BatchNorm, or ``None``.
         pixel_scale: ``(H, W)`` slope of the spatial gate's logit, or ``None``.
         pixel_shift: ``(H, W)`` offset of the spatial gate's logit, or ``None``.
