@@ -13,6 +13,7 @@ from .fold import FoldedNAM, fold_nam
 from .inject import inject_nam, remove_nam
 from .pruning import PruneConfig, prune_channels
 from .report import PruneReport
+from .sites import register_block
 from .sparsity import add_l1_subgradient_, l1_penalty, scale_factors, sparsity
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "l1_penalty",
     "load_checkpoint",
     "prune_channels",
+    "register_block",
     "remove_nam",
     "save_pruned",
     "scale_factors",

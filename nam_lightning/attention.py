@@ -20,6 +20,14 @@ from . import functional, kernels
 from .checks import check_bool, check_finite_float
 from .kernels import Path
 
+# The scale factors a NAM built with ``identity_init=True`` starts from. Not 0: the attention
+# weights ``|gamma| / sum |gamma|`` would be 0 and no gradient would reach gamma or beta. Any
+# positive constant gives w = 1/C and the paper's gradients; this one makes every logit
+# ``w * gamma * x_hat = 1e-8 * x_hat / C`` so small that ``2 * sigmoid`` of it is 1 within
+# 1e-8 * |x_hat| / (2 C), which float32 rounds to exactly 1 unless |x_hat| exceeds a few times C;
+# and it is a normal float32 and bfloat16 number.
+IDENTITY_GAMMA = 1e-8
+
 
 class NAMChannelAttention(nn.Module):
     """NAM channel attention: ``x * sigmoid(w * BN(x))`` with ``w = |gamma| / sum |gamma|``.
@@ -35,6 +43,11 @@ class NAMChannelAttention(nn.Module):
             does (``gamma`` then learns only through the BatchNorm's affine step). ``False``
             makes ``w`` differentiable too.
         eps: the BatchNorm's ``eps``.
+        identity_init: start as the identity, for a network that is already trained: the
+            gate becomes ``2 * sigmoid(w * BN(x))`` (range (0, 2), centred on 1 instead of
+            0.5) and ``gamma`` starts at :data:`IDENTITY_GAMMA` instead of 1, so that every
+            logit ``w * BN(x)`` is ~1e-8 times the normalised input and the gate rounds to
+            exactly 1 (see ``docs/pretrained.md``).
 
     Example:
         >>> nam = NAMChannelAttention(8)
@@ -44,13 +57,24 @@ class NAMChannelAttention(nn.Module):
 
     pruned_mass: torch.Tensor
 
-    def __init__(self, channels: int, *, detach_weights: bool = True, eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        detach_weights: bool = True,
+        eps: float = 1e-5,
+        identity_init: bool = False,
+    ) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
         check_bool("detach_weights", detach_weights)
         check_finite_float("eps", eps)  # 0 or less divides by zero on constant input
+        check_bool("identity_init", identity_init)
         self.detach_weights = detach_weights
+        self.identity_init = identity_init
         self.bn = nn.BatchNorm2d(channels, eps=eps)
+        if identity_init:
+            nn.init.constant_(self.bn.weight, IDENTITY_GAMMA)
         self.register_buffer("pruned_mass", torch.zeros(()))
 
     def weights(self) -> torch.Tensor:
@@ -61,11 +85,18 @@ class NAMChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         path = kernels.choose_path(x, self.bn)
         if path is Path.ALONE:
-            return functional.nam_channel_gate(x, self.bn, self.weights())
-        if path is Path.EVAL_ALONE:
-            return functional.eval_channel_gate(x, self.bn, self.pruned_mass)
-        z = self.bn(x)
-        return x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
+            y = functional.nam_channel_gate(x, self.bn, self.weights())
+        elif path is Path.EVAL_ALONE:
+            y = functional.eval_channel_gate(x, self.bn, self.pruned_mass)
+        else:
+            z = self.bn(x)
+            y = x * torch.sigmoid(z * self.weights().to(z.dtype).view(1, -1, 1, 1))
+        return self.rescale(y)
+
+    def rescale(self, y: torch.Tensor) -> torch.Tensor:
+        """``y = x * sigmoid(...)`` as this module's output: doubled with ``identity_init``
+        (exact: a power of two)."""
+        return y * 2 if self.identity_init else y
 
 
 class NAMSpatialAttention(nn.Module):
@@ -79,6 +110,8 @@ class NAMSpatialAttention(nn.Module):
             scale factors belong to positions, so any other resolution is rejected.
         detach_weights: as in :class:`NAMChannelAttention`.
         eps: the BatchNorm's ``eps``.
+        identity_init: as in :class:`NAMChannelAttention`: gate ``2 * sigmoid(...)``, ``lambda``
+            starting at :data:`IDENTITY_GAMMA`.
 
     Example:
         >>> nam = NAMSpatialAttention((4, 6))
@@ -87,7 +120,12 @@ class NAMSpatialAttention(nn.Module):
     """
 
     def __init__(
-        self, size: tuple[int, int], *, detach_weights: bool = True, eps: float = 1e-5
+        self,
+        size: tuple[int, int],
+        *,
+        detach_weights: bool = True,
+        eps: float = 1e-5,
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(size, (tuple, list)) and len(size) == 2):
@@ -96,9 +134,13 @@ class NAMSpatialAttention(nn.Module):
         _check_positive_int("size[1]", size[1])
         check_bool("detach_weights", detach_weights)
         check_finite_float("eps", eps)
+        check_bool("identity_init", identity_init)
         self.size = (int(size[0]), int(size[1]))
         self.detach_weights = detach_weights
+        self.identity_init = identity_init
         self.bn = nn.BatchNorm1d(self.size[0] * self.size[1], eps=eps)
+        if identity_init:
+            nn.init.constant_(self.bn.weight, IDENTITY_GAMMA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, C, H, W)
         n, c, h, w = x.shape
@@ -112,6 +154,8 @@ class NAMSpatialAttention(nn.Module):
         z = self.bn(x.reshape(n * c, h * w))  # each position normalised over N x C
         lam = self.bn.weight.detach() if self.detach_weights else self.bn.weight
         gate = torch.sigmoid(z * functional.normalised_abs(lam).to(z.dtype))  # (N*C, H*W)
+        if self.identity_init:
+            gate = gate * 2
         return x * gate.view(n, c, h, w)
 
 
@@ -124,6 +168,7 @@ class NAM(nn.Module):
             (the default) for channel attention only.
         detach_weights: see :class:`NAMChannelAttention`.
         eps: the BatchNorms' ``eps``.
+        identity_init: start as the identity (see :class:`NAMChannelAttention`).
 
     Example:
         >>> nam = NAM(16, spatial_size=(8, 8))
@@ -138,6 +183,7 @@ class NAM(nn.Module):
         spatial_size: tuple[int, int] | None = None,
         detach_weights: bool = True,
         eps: float = 1e-5,
+        identity_init: bool = False,
     ) -> None:
         super().__init__()
         if spatial_size is not None and not (
@@ -149,11 +195,15 @@ class NAM(nn.Module):
                 "`spatial_size` must be None or a pair (H, W) of positive ints, "
                 f"got {spatial_size!r}"
             )
-        self.channel = NAMChannelAttention(channels, detach_weights=detach_weights, eps=eps)
+        self.channel = NAMChannelAttention(
+            channels, detach_weights=detach_weights, eps=eps, identity_init=identity_init
+        )
         self.spatial = (
             None
             if spatial_size is None
-            else NAMSpatialAttention(spatial_size, detach_weights=detach_weights, eps=eps)
+            else NAMSpatialAttention(
+                spatial_size, detach_weights=detach_weights, eps=eps, identity_init=identity_init
+            )
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +246,7 @@ class NAMSite(nn.Module):
             y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.pruned_mass)
         else:
             return self.nam(self.module(x))
+        y = channel.rescale(y)
         return y if self.nam.spatial is None else self.nam.spatial(y)
 
 

@@ -80,6 +80,9 @@ class NAMCallback(Callback):
             :class:`~nam_lightning.PruneConfig` (e.g. ``PruneConfig(flops_target=0.5)``).
             The example batch is the LightningModule's ``example_input_array``, else the first
             training batch. The report is kept in ``callback.report``.
+        identity_init: for fine-tuning a trained network: NAM starts as the identity, so the
+            model's outputs are unchanged at first (see :func:`~nam_lightning.inject_nam` and
+            ``docs/pretrained.md``).
 
     Example::
 
@@ -99,6 +102,7 @@ class NAMCallback(Callback):
         log_on: Literal["step", "epoch"] = "step",
         prune: float | PruneConfig | None = None,
         fuse: bool = True,
+        identity_init: bool = False,
     ) -> None:
         auto: AutoLambda | None = None
         if lambda_ == "auto":
@@ -111,7 +115,12 @@ class NAMCallback(Callback):
             check_finite_float("lambda_", lambda_, zero_ok=True)
         check_targets(targets)
         check_sites(sites)
-        flags = (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse))
+        flags = (
+            ("spatial", spatial),
+            ("detach_weights", detach_weights),
+            ("fuse", fuse),
+            ("identity_init", identity_init),
+        )
         for name, flag in flags:
             check_bool(name, flag)
         check_finite_float("sparsity_threshold", sparsity_threshold)
@@ -126,6 +135,7 @@ class NAMCallback(Callback):
         self.sparsity_threshold = float(sparsity_threshold)
         self.log_on = log_on
         self.fuse = fuse
+        self.identity_init = identity_init
         if isinstance(prune, (int, float)) and not isinstance(prune, bool):
             if not 0 < prune < 1:  # NaN too
                 raise ValueError(
@@ -211,6 +221,7 @@ class NAMCallback(Callback):
             detach_weights=self.detach_weights,
             example_inputs=example,
             fuse=self.fuse,
+            identity_init=self.identity_init,
         )
         if missing:
             rank_zero_info(

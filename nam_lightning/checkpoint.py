@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import io
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -27,52 +27,60 @@ M = TypeVar("M", bound=nn.Module)
 
 
 def load_checkpoint(
-    cls: type[M],
+    factory: Callable[..., M],
     path: str | os.PathLike[str],
     *,
     map_location: Any = "cpu",
     **kwargs: Any,
 ) -> M:
-    """Rebuild ``cls`` from a checkpoint written by a run that used nam_lightning.
+    """Rebuild a model from a checkpoint written by a run that used nam_lightning.
 
     Works like ``cls.load_from_checkpoint(path, **kwargs)``: the hyperparameters saved in the
     checkpoint (overridden by ``kwargs``) build the module, ``configure_model`` and
-    ``on_load_checkpoint`` run when the class has them, then NAM is put back where the record
+    ``on_load_checkpoint`` run when the module has them, then NAM is put back where the record
     says and the weights load strictly. The file is read with ``torch.load(weights_only=True)``.
 
     Args:
-        cls: the LightningModule (or any ``nn.Module``) class the checkpoint was written from.
+        factory: what builds the bare model: the LightningModule (or any ``nn.Module``) class
+            the checkpoint was written from, or any callable returning an ``nn.Module``, such
+            as ``timm.create_model``.
         path: a Lightning checkpoint (full or weights-only) or a file holding
-            ``{"state_dict": ...}``.
+            ``{"state_dict": ...}`` (see :func:`save_pruned`).
         map_location: passed to ``torch.load``.
-        **kwargs: constructor arguments that override the saved hyperparameters.
+        **kwargs: arguments of ``factory`` that override the saved hyperparameters.
 
     Returns:
         The module, in training mode like a freshly built one.
 
     Raises:
-        TypeError: ``cls`` is not a module class, ``path`` or ``map_location`` has the wrong
-            type, or ``kwargs`` names an argument ``cls`` does not take.
+        TypeError: ``factory`` is neither a module class nor a callable returning a module,
+            ``path`` or ``map_location`` has the wrong type, or ``kwargs`` names an argument
+            ``factory`` does not take.
         FileNotFoundError: ``path`` is not a file.
         ValueError: the file cannot be read (truncated, not written by ``torch.save``), holds no
-            ``state_dict``, or its weights or record do not fit ``cls`` (another architecture).
-            The file is only read, never written.
+            ``state_dict``, or its weights or record do not fit the model (another
+            architecture). The file is only read, never written.
+
+    Example::
+
+        model = load_checkpoint(MyLitModel, "last.ckpt")
+        model = load_checkpoint(timm.create_model, "pruned.pt", model_name="resnet50d",
+                                num_classes=10)
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError(f"`cls` must be a torch.nn.Module subclass, got {cls!r}")
-    signature = inspect.signature(cls.__init__)
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
-    unknown = [k for k in kwargs if k not in signature.parameters or k == "self"]
+    what = _factory_name(factory)
+    parameters = _factory_parameters(factory)
+    takes_any = parameters is None or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    unknown = [k for k in kwargs if parameters is not None and k not in parameters]
     if unknown and not takes_any:
-        accepted = [k for k in signature.parameters if k != "self"]
+        assert parameters is not None
         raise TypeError(
             f"{unknown} {'is not an argument' if len(unknown) == 1 else 'are not arguments'} of "
-            f"{cls.__name__}: the keyword arguments of load_checkpoint override the saved "
-            f"hyperparameters and must be among {accepted}."
+            f"{what}: the keyword arguments of load_checkpoint override the saved "
+            f"hyperparameters and must be among {list(parameters)}."
         )
     checkpoint = _read_checkpoint(path, map_location)
     name = os.fspath(path)
-    hparams_key = getattr(cls, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
+    hparams_key = getattr(factory, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")
     saved = checkpoint.get(hparams_key) or {}
     if not isinstance(saved, Mapping):
         raise ValueError(
@@ -81,15 +89,21 @@ def load_checkpoint(
         )
     init_kwargs = {**saved, **kwargs}
     if not takes_any:
-        init_kwargs = {k: v for k, v in init_kwargs.items() if k in signature.parameters}
+        assert parameters is not None
+        init_kwargs = {k: v for k, v in init_kwargs.items() if k in parameters}
     try:
-        model = cls(**init_kwargs)
+        model = factory(**init_kwargs)
     except TypeError as err:  # e.g. a required argument neither saved nor given
         raise TypeError(
-            f"Cannot build {cls.__name__} with the arguments {sorted(init_kwargs)} (the "
+            f"Cannot build {what} with the arguments {sorted(init_kwargs)} (the "
             f"hyperparameters saved in {name!r}, overridden by the keyword arguments): {err}"
         ) from err
-    hooks: Any = model  # LightningModule hooks, when ``cls`` is one
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`factory` must return a torch.nn.Module, but {what} returned {type(model).__name__}"
+        )
+    what = type(model).__name__
+    hooks: Any = model  # LightningModule hooks, when the model is one
     if callable(getattr(hooks, "configure_model", None)):
         hooks.configure_model()
     state_dict = checkpoint["state_dict"]
@@ -97,9 +111,9 @@ def load_checkpoint(
         _rebuild(model, state_dict)
     except ValueError as err:
         raise ValueError(f"Cannot load {name!r}: {err}") from err
-    except Exception as err:  # a record that does not fit this class's modules
+    except Exception as err:  # a record that does not fit this model's modules
         raise ValueError(
-            f"Cannot rebuild {cls.__name__} as the record in {name!r} describes it: it comes "
+            f"Cannot rebuild {what} as the record in {name!r} describes it: it comes "
             f"from another architecture (or other constructor arguments), or the file is "
             f"damaged. {type(err).__name__}: {err}"
         ) from err
@@ -109,10 +123,40 @@ def load_checkpoint(
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
         raise ValueError(
-            f"The weights in {name!r} do not fit {cls.__name__}: the checkpoint comes from "
+            f"The weights in {name!r} do not fit {what}: the checkpoint comes from "
             f"another architecture (or other constructor arguments). {err}"
         ) from err
     return model
+
+
+def _factory_name(factory: object) -> str:
+    """How errors name ``factory``; raises the TypeError for one that cannot build a model."""
+    if isinstance(factory, type):
+        if not issubclass(factory, nn.Module):
+            raise TypeError(
+                f"`factory` must be a torch.nn.Module subclass or a callable returning a "
+                f"module (such as timm.create_model), got the class {factory.__name__}"
+            )
+        return factory.__name__
+    if not callable(factory):
+        raise TypeError(
+            f"`factory` must be a torch.nn.Module subclass or a callable returning a module "
+            f"(such as timm.create_model), got {type(factory).__name__} {factory!r}"
+        )
+    return getattr(factory, "__qualname__", None) or repr(factory)
+
+
+def _factory_parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter] | None:
+    """The keyword arguments ``factory`` takes, or None where its signature cannot be read."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        return None
+    return {
+        k: p
+        for k, p in signature.parameters.items()
+        if p.kind not in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)
+    }
 
 
 def _read_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:

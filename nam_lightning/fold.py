@@ -12,6 +12,13 @@ folds in too: the site computes, from the BatchNorm's input ``z``::
     y = (alpha * z + beta) * sigmoid(p * z + q)      p = a * alpha,  q = a * beta + b
     y = y * sigmoid(pixel_scale * y + pixel_shift)   (spatial attention, if present)
 
+The module folded in must compute exactly its BatchNorm map in eval mode: a plain BatchNorm,
+torchvision's ``FrozenBatchNorm2d`` or timm's ``BatchNormAct2d`` built without activation (see
+:func:`nam_lightning.norms.eval_affine_state`). Any other module, a norm with a built-in
+activation included, stays in front of the folded NAM. A NAM built with ``identity_init`` gates
+with ``2 * sigmoid(...)``: the factor 2 goes into ``alpha`` and ``beta`` (``alpha = 2``,
+``beta = 0`` where no BatchNorm is folded), for spatial attention into ``pixel_scale`` too.
+
 :func:`fold_nam` swaps every :class:`~nam_lightning.NAMSite` for such a :class:`FoldedNAM`: no
 parameters, a handful of elementwise passes, plain tensor ops that ``torch.export``, the ONNX
 exporter and ``torch.compile`` take as they are.
@@ -35,6 +42,7 @@ from .functional import (
     gate_kernel,
 )
 from .inject import replace_modules
+from .norms import eval_affine_state
 
 
 class FoldedNAM(nn.Module):
@@ -47,7 +55,9 @@ class FoldedNAM(nn.Module):
     Args:
         gate_scale: ``(C,)`` slope of the channel gate's logit.
         gate_shift: ``(C,)`` offset of the channel gate's logit.
-        bn_scale: ``(C,)`` scale of the folded BatchNorm, or ``None``.
+        bn_scale: ``(C,)`` scale of the folded BatchNorm, or ``None``. A NAM built with
+            ``identity_init`` doubles it (and ``bn_shift``), or sets it to 2 where no
+            BatchNorm is folded.
         bn_shift: ``(C,)`` shift of the folded BatchNorm, or ``None``.
         pixel_scale: ``(H, W)`` slope of the spatial gate's logit, or ``None``.
         pixel_shift: ``(H, W)`` offset of the spatial gate's logit, or ``None``.
@@ -124,8 +134,10 @@ def fold_nam(model: nn.Module) -> int:
 
     Each :class:`~nam_lightning.NAMSite` becomes a :class:`FoldedNAM` computing the same output
     from the running statistics. When the site wraps a BatchNorm2d with running statistics (the
-    standard site, see :func:`~nam_lightning.inject_nam`), that BatchNorm is folded in as well;
-    any other wrapped module is kept, as ``nn.Sequential(module, FoldedNAM(...))``. The result
+    standard site, see :func:`~nam_lightning.inject_nam`; also torchvision's FrozenBatchNorm2d
+    and timm's BatchNormAct2d without activation), that BatchNorm is folded in as well; any
+    other wrapped module (a norm with a built-in activation included) is kept, as
+    ``nn.Sequential(module, FoldedNAM(...))``. The result
     is for inference only: the folded modules have no parameters, NAM can no longer be trained,
     pruned or removed, and the weights no longer load into an unfolded model.
 
@@ -197,16 +209,27 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
     nam_state = _state64(nam.channel.bn)
     bn_scale = bn_shift = None
     module = site.module
-    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)) and _has_running_stats(module):
-        constants = eval_site_constants(removed, *_state64(module), *nam_state)
+    # Folded in only when the module's eval output is exactly its BatchNorm map: not after a
+    # built-in activation (timm's BatchNormAct2d), which NAM then gates the output of.
+    module_state = eval_affine_state(module)
+    if module_state is not None:
+        constants = eval_site_constants(removed, *_to64(module_state), *nam_state)
         gate_scale, gate_shift, bn_scale, bn_shift = constants
     else:
         gate_scale, gate_shift = eval_nam_constants(removed, *nam_state)
+    gain = 2.0 if nam.channel.identity_init else 1.0  # its gate is 2 * sigmoid(...)
     pixel_scale = pixel_shift = None
     if nam.spatial is not None:
         _check_running_stats(f"{name}.nam.spatial.bn", nam.spatial.bn)
         scale, shift = eval_nam_constants(None, *_state64(nam.spatial.bn))
         pixel_scale, pixel_shift = scale.view(nam.spatial.size), shift.view(nam.spatial.size)
+        if nam.spatial.identity_init:
+            # 2 y sigmoid(s y + t) = y2 sigmoid(s / 2 * y2 + t) with y2 = 2 y
+            pixel_scale, gain = pixel_scale / 2, gain * 2
+    if gain != 1:  # powers of two: exact
+        if bn_scale is None or bn_shift is None:
+            bn_scale, bn_shift = torch.ones_like(gate_scale), torch.zeros_like(gate_shift)
+        bn_scale, bn_shift = bn_scale * gain, bn_shift * gain
 
     folded = FoldedNAM(
         gate_scale.to(reference),
@@ -216,14 +239,17 @@ def _fold_site(name: str, site: NAMSite) -> nn.Module:
         pixel_scale=_like(pixel_scale, reference),
         pixel_shift=_like(pixel_shift, reference),
     ).eval()
-    return folded if bn_scale is not None else nn.Sequential(module, folded).eval()
+    return folded if module_state is not None else nn.Sequential(module, folded).eval()
 
 
 def _state64(bn: _BatchNorm) -> BNState:
     """``bn``'s eval-mode state (running statistics, eps, weight, bias), float64 on the CPU."""
-    return cast(
-        BNState, tuple(_cpu64(t) if isinstance(t, torch.Tensor) else t for t in bn_state(bn))
-    )
+    return _to64(bn_state(bn))
+
+
+def _to64(state: BNState) -> BNState:
+    """An eval-mode state with its tensors in float64 on the CPU."""
+    return cast(BNState, tuple(_cpu64(t) if isinstance(t, torch.Tensor) else t for t in state))
 
 
 def _cpu64(t: torch.Tensor) -> torch.Tensor:

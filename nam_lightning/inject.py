@@ -1,7 +1,8 @@
 """Place NAM in a network, and take it out again.
 
 NAM belongs at the end of each block; in residual networks at the end of the residual branch,
-after the branch's last BatchNorm and before the skip addition (the slot SE and CBAM use).
+after the branch's last norm and before the skip addition (the slot SE and CBAM use); the block
+types ``sites="auto"`` knows are registered in :mod:`nam_lightning.sites`.
 ``inject_nam`` replaces the module at each site with ``NAMSite(module, NAM(...))``. Modules are
 found by type, never through attribute paths of the root, so the same call works on a bare
 torchvision model, on a LightningModule holding one, and after SyncBatchNorm conversion.
@@ -14,33 +15,23 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torchvision.models import efficientnet, mobilenetv2, mobilenetv3, regnet, resnet
 
 from .attention import NAM, NAMSite
 from .checks import check_bool, check_finite_float
+from .norms import is_norm, norm_channels
 from .record import attach_record
+from .sites import auto_sites
 from .utils import as_args, eval_mode
 
 Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
 
-# Block type -> the attribute holding its residual branch (searched for its last BatchNorm) or
-# the branch's last BatchNorm itself. These are torchvision's own attribute names.
-_AUTO_BLOCKS: dict[type[nn.Module], str] = {
-    resnet.BasicBlock: "bn2",
-    resnet.Bottleneck: "bn3",
-    mobilenetv2.InvertedResidual: "conv",
-    mobilenetv3.InvertedResidual: "block",
-    efficientnet.MBConv: "block",
-    efficientnet.FusedMBConv: "block",
-    regnet.ResBottleneckBlock: "f",
-}
-
 AUTO_HELP = (
-    "`sites='auto'` looks for torchvision blocks: ResNet/ResNeXt/Wide-ResNet BasicBlock and "
-    "Bottleneck, MobileNetV2/V3 InvertedResidual, EfficientNet MBConv/FusedMBConv and RegNet "
-    "ResBottleneckBlock, and puts NAM after the residual branch's last BatchNorm. For other "
-    "networks name the sites: `sites=['layer1.bn', ...]` (NAM after each named module) or "
+    "`sites='auto'` looks for the block types registered with nam_lightning.register_block "
+    "(torchvision's ResNet/ResNeXt/Wide-ResNet BasicBlock and Bottleneck, MobileNetV2/V3 "
+    "InvertedResidual, EfficientNet MBConv/FusedMBConv and RegNet ResBottleneckBlock; timm's "
+    "ResNet, EfficientNet/MobileNetV3/MixNet, RegNet and ByobNet blocks) and puts NAM after the "
+    "residual branch's last norm. For other networks register the block type, or name the "
+    "sites: `sites=['layer1.bn', ...]` (NAM after each named module) or "
     "`sites=lambda name, module: ...` (NAM after every module for which it returns True)."
 )
 
@@ -54,14 +45,18 @@ def inject_nam(
     eps: float = 1e-5,
     example_inputs: Any = None,
     fuse: bool = True,
+    identity_init: bool = False,
 ) -> list[str]:
     """Put NAM after each site of ``model``, in place. Idempotent.
 
     Args:
         model: the network (or a module holding it, e.g. a LightningModule).
-        sites: ``"auto"`` for the blocks of torchvision's residual and inverted-residual
-            networks, a list of module names (NAM after each), or a predicate
-            ``(name, module) -> bool``.
+        sites: ``"auto"`` for the blocks registered with
+            :func:`~nam_lightning.register_block` (torchvision's and timm's residual and
+            inverted-residual networks; see :mod:`nam_lightning.sites`), a list of module
+            names (NAM after each), or a predicate ``(name, module) -> bool``. NAM follows the
+            whole named module: after a norm layer with a built-in activation (timm's
+            ``BatchNormAct2d``) it gates the activated output.
         spatial: add spatial attention after the channel attention. Needs ``example_inputs``:
             its scale factors are sized from the real feature maps.
         detach_weights: see :class:`~nam_lightning.NAMChannelAttention`.
@@ -73,6 +68,11 @@ def inject_nam(
             runs in eval mode without gradients, so nothing it holds changes.
         fuse: in training, run a site's BatchNorm and NAM's BatchNorm as one fused step where
             the math allows (see :class:`~nam_lightning.NAMSite`); exact either way.
+        identity_init: for a trained network: each new NAM starts as the identity, so the
+            model's outputs right after injection are those before it (see
+            :class:`~nam_lightning.NAMChannelAttention` and ``docs/pretrained.md``; the gate
+            is then ``2 * sigmoid(...)``, not the paper's ``sigmoid(...)``). The checkpoint
+            record keeps it, so :func:`~nam_lightning.load_checkpoint` rebuilds the same NAM.
 
     Returns:
         The names of all sites where NAM now runs (those added now and those already there).
@@ -93,7 +93,13 @@ def inject_nam(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-    for flag, value in (("spatial", spatial), ("detach_weights", detach_weights), ("fuse", fuse)):
+    flags = (
+        ("spatial", spatial),
+        ("detach_weights", detach_weights),
+        ("fuse", fuse),
+        ("identity_init", identity_init),
+    )
+    for flag, value in flags:
         check_bool(flag, value)
     check_finite_float("eps", eps)
     if example_inputs is not None and not isinstance(
@@ -122,6 +128,7 @@ def inject_nam(
             "detach_weights": detach_weights,
             "eps": eps,
             "fuse": fuse,
+            "identity_init": identity_init,
         }
     apply_plan(model, plan)
     return names
@@ -138,6 +145,7 @@ def apply_plan(model: nn.Module, plan: dict[str, dict[str, Any]]) -> None:
             spatial_size=spec["spatial_size"],
             detach_weights=spec["detach_weights"],
             eps=spec["eps"],
+            identity_init=spec.get("identity_init", False),  # absent from older records
         )
         # The site's own tensors tell the device and dtype; a parameterless site (an
         # activation) follows the model's.
@@ -200,7 +208,7 @@ def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
     """The module names ``sites`` stands for in ``model`` (a NAMSite counts as its module)."""
     check_sites(sites)
     if isinstance(sites, str):
-        names = _auto_sites(model)
+        names = auto_sites(model)
         if not names:
             raise ValueError(f"No NAM site found in {type(model).__name__}. {AUTO_HELP}")
         return names
@@ -263,30 +271,10 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
-def _auto_sites(model: nn.Module) -> list[str]:
-    names = []
-    for name, block in model.named_modules():
-        attr = next((a for t, a in _AUTO_BLOCKS.items() if isinstance(block, t)), None)
-        if attr is None:
-            continue
-        part = getattr(block, attr)
-        prefix = f"{name}.{attr}" if name else attr
-        if isinstance(part, (_BatchNorm, NAMSite)):
-            names.append(prefix)
-            continue
-        last = None
-        for sub, module in _candidates(part).items():
-            if isinstance(module, (_BatchNorm, NAMSite)):
-                last = sub
-        if last is not None:
-            names.append(f"{prefix}.{last}")
-    return names
-
-
 def read_channels(model: nn.Module, name: str) -> int:
     module = model.get_submodule(name)
-    if isinstance(module, _BatchNorm):
-        return int(module.num_features)
+    if is_norm(module):
+        return norm_channels(module)
     if isinstance(module, nn.modules.conv._ConvNd):
         return int(module.out_channels)
     raise ValueError(

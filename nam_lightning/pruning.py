@@ -39,6 +39,7 @@ from .checks import (
     check_module,
     check_optional_positive_int,
 )
+from .prunable import check_channel_tensors
 from .record import PruningPass, add_pruning_pass
 from .report import PruneReport, count_flops, count_params, layer_channels, measure_latency
 from .sparsity import non_finite
@@ -175,6 +176,7 @@ def prune_channels(
             f"{type(model).__name__} cannot run on `example_inputs` "
             f"({type(err).__name__}: {err}); give a batch the model takes. Nothing was changed."
         ) from err
+    check_channel_tensors(model, example_inputs)  # layers the surgery could not follow
     params_before = count_params(model)
     channels_before = layer_channels(model)
     latency_before = measure_latency(model, example_inputs) if measure else None

@@ -48,6 +48,7 @@ class NAMSpec:
     detach_weights: bool
     eps: float
     fuse: bool = True
+    identity_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ def nam_specs(model: nn.Module) -> dict[str, NAMSpec]:
                 detach_weights=nam.channel.detach_weights,
                 eps=nam.channel.bn.eps,
                 fuse=module.fuse,
+                identity_init=nam.channel.identity_init,
             )
     return specs
 
@@ -109,6 +111,7 @@ def read_record(stored: Any, where: str) -> Record:
             detach_weights=spec["detach_weights"],
             eps=spec["eps"],
             fuse=spec.get("fuse", True),  # records written before NAMSite had `fuse`
+            identity_init=spec.get("identity_init", False),  # stored only when set
         )
         for site, spec in stored["nam_sites"].items()
     }
@@ -150,6 +153,8 @@ def _stored(model: nn.Module) -> dict[str, Any] | None:
             "detach_weights": spec.detach_weights,
             "eps": spec.eps,
             "fuse": spec.fuse,
+            # only when set, so records of NAM without the option read as before
+            **({"identity_init": True} if spec.identity_init else {}),
         }
         for site, spec in nam.items()
     }
@@ -205,6 +210,21 @@ def _check_record(
             f"{'...' if len(our_sites) > 4 else ''}; rebuild it with "
             "nam_lightning.load_checkpoint(), which reads the saved record."
         )
+    elif saved_sites:  # same sites: each NAM must be built alike (identity_init changes its gate)
+        ours = nam_specs(module)
+        theirs = {
+            site: bool(spec.get("identity_init", False)) if isinstance(spec, dict) else False
+            for site, spec in saved.get("nam_sites", {}).items()
+        }
+        differ = [site for site in saved_sites if theirs[site] != ours[site].identity_init]
+        if differ:
+            error_msgs.append(
+                f"the weights of the NAM site(s) {differ[:4]}{'...' if len(differ) > 4 else ''} "
+                f"were saved with identity_init={theirs[differ[0]]}, but this model's NAM was "
+                f"built with identity_init={not theirs[differ[0]]} (its gate is 2 * sigmoid "
+                "with the option, sigmoid without); rebuild it with "
+                "nam_lightning.load_checkpoint(), which reads the saved record."
+            )
 
 
 

@@ -11,7 +11,9 @@ Gaps of Torch-Pruning 1.6.1 mended here, each where it is mended:
 1. ``chunk`` and ``split`` with an int: the piece sizes are looked up under an attribute name
    older torch versions used, then guessed from the consumers, wrongly when a piece goes
    straight into a concatenation (ShuffleNet V2's blocks). They are read from the autograd node
-   instead (:func:`_traceable`, :func:`_split_sizes_from_autograd`).
+   instead (:func:`_traceable`, :func:`_split_sizes_from_autograd`). ``split`` with a list of
+   sizes fixed in the forward (timm's MixedConv2d keeps them in an attribute) splits by those
+   sizes whatever the channels left, so such splits become barriers (item 2).
 2. A reshape that permutes channels (ShuffleNet's channel shuffle): the index mapping cannot
    express it and divides by zero, or passes the indices through unchanged, which would cut
    the wrong channels. Such reshapes become barriers, and every channel group crossing one is
@@ -400,6 +402,8 @@ def _traceable() -> Iterator[list[Any]]:
             for node in graph.module2node.values():
                 if node.type == tp.ops.OPTYPE.SPLIT:
                     _split_sizes_from_autograd(node)
+                    if hasattr(node.grad_fn, "_saved_split_sizes"):  # sizes fixed in forward
+                        barriers.append(node.module)
         update_all(graph)
 
     index_mapping.update_index_mapping = update

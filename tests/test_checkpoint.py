@@ -206,9 +206,36 @@ def test_missing_file(tmp_path: Path) -> None:
         load_checkpoint(Net, tmp_path / "missing.pt")
 
 
-def test_not_a_module_class(saved: dict[str, Any]) -> None:
-    with pytest.raises(TypeError, match=r"`cls` must be a torch\.nn\.Module subclass"):
-        load_checkpoint(torchvision.models.resnet18, saved["dir"] / "save_pruned.pt")
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (dict, r"`factory` must be a torch\.nn\.Module subclass or a callable .* class dict"),
+        ("Net", r"`factory` must be .* got str 'Net'"),
+        (lambda **kwargs: "a model", r"`factory` must return a torch\.nn\.Module, .* returned str"),
+    ],
+    ids=["class", "string", "returns-no-module"],
+)
+def test_a_factory_that_builds_no_module(saved: dict[str, Any], factory: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        load_checkpoint(factory, saved["dir"] / "save_pruned.pt")
+
+
+def test_a_factory_function_builds_the_model(saved: dict[str, Any]) -> None:
+    """Any callable returning a module: torchvision's resnet18 builder for the save_pruned file
+    (the saved num_classes reach it), a function for the Lightning checkpoint."""
+    loaded = load_checkpoint(torchvision.models.resnet18, saved["dir"] / "save_pruned.pt")
+    x = torch.load(saved["dir"] / "save_pruned_x.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), saved["expected"]["save_pruned"][0])
+
+    def make_classifier(**hyperparameters: Any) -> Classifier:
+        return Classifier(**hyperparameters)
+
+    loaded = load_checkpoint(make_classifier, saved["dir"] / "full.ckpt", lr=0.5)
+    assert isinstance(loaded, Classifier) and loaded.hparams.lr == 0.5
+    x = torch.load(saved["dir"] / "lightning_x.pt")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), saved["expected"]["lightning_full"][0])
 
 
 def test_checkpoint_of_another_architecture(tmp_path: Path) -> None:
