@@ -205,7 +205,9 @@ def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
 
     train_rows = read_csv(run_dir / "train" / "metrics.csv")
     finetune_rows = read_csv(run_dir / "finetune" / "metrics.csv")
-    assert {"val/acc", "train/loss", "nam/l1_penalty", "nam/sparsity"} <= set(train_rows[0])
+    assert {"val/acc", "train/loss", "nam/sparsity"} <= set(train_rows[0])
+    # the default lambda_="auto" logs its lambda, a fixed lambda_ its penalty
+    assert {"nam/lambda"} <= set(train_rows[0]) or {"nam/l1_penalty"} <= set(train_rows[0])
     assert any(r["val/acc"] for r in train_rows) and any(r["val/acc"] for r in finetune_rows)
     assert {"val/acc", "train/loss"} <= set(finetune_rows[0])
     assert not [c for c in finetune_rows[0] if c.startswith("nam/")]  # no penalty when tuning
