@@ -494,7 +494,8 @@ def render_markdown(study: Mapping[str, Any], rows: list[dict[str, Any]]) -> str
     data = settings["data"]
     data_name = data.get("class_path", "?").rsplit(".", 1)[-1] if isinstance(data, dict) else data
     trainer = settings["trainer"]
-    lambdas = sorted({t["lambda_"] for t in study["trainings"].values() if t["lambda_"] > 0})
+    # the penalised variants' lambda_ (a number, or the name of a rule that sets it)
+    lambdas = {f"{v:g}" if isinstance(v, float) else str(v) for v in _lambdas(study)}
     seeds = sorted({s for row in rows for s in row["seeds"]})
     lines = [
         "# Study: accuracy at equal FLOPs, by training variant",
@@ -502,7 +503,7 @@ def render_markdown(study: Mapping[str, Any], rows: list[dict[str, Any]]) -> str
         f"{data_name}, {settings['model'].get('backbone', '?')}; training epochs: "
         f"{trainer.get('max_epochs')}, fine-tuning epochs: {settings['finetune_epochs']}; "
         f"seeds {', '.join(map(str, seeds))}; L1 lambda "
-        f"{', '.join(f'{v:g}' for v in lambdas) or 'none'} (slimming, nam+l1).",
+        f"{', '.join(sorted(lambdas)) or 'none'} (slimming, nam+l1).",
         "Test accuracy in %, mean +- standard deviation over the seeds; pruned is before "
         "fine-tuning.",
         "",
@@ -540,6 +541,7 @@ def write_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     """Fine-tuned accuracy against FLOPs per image, a line per variant, error bars over seeds;
     the hollow marker of each colour is the variant's unpruned model."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -565,6 +567,8 @@ def write_pareto(rows: list[dict[str, Any]], path: Path) -> None:
             color=line[0].get_color(),
         )
     ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))  # 3, not 3 x 10^0
     ax.set_xlabel("MFLOPs per image (log scale; hollow: unpruned)")
     ax.set_ylabel("test accuracy after fine-tuning (%)")
     ax.set_title("Accuracy at equal FLOPs (mean +- std over seeds)")
@@ -602,6 +606,10 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def _pm(value: tuple[float, float], scale: float) -> str:
     mean, std = value
     return f"{scale * mean:.2f}" if math.isnan(std) else f"{scale * mean:.2f} +- {scale * std:.2f}"
+
+
+def _lambdas(study: Mapping[str, Any]) -> list[Any]:
+    return [t["lambda_"] for t in study["trainings"].values() if t["lambda_"] != 0]
 
 
 def _images(study: Mapping[str, Any]) -> str:
