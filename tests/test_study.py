@@ -1,8 +1,9 @@
 """``NAMCallback(nam=False)`` and the ``nam-lightning study`` command (nam_lightning.study).
 
-The study runs through the command line in this process on tiny settings (one epoch of two
-batches of digits, 2 variants x 2 seeds x 1 FLOPs target), once for the module; the tests read
-its directory, resume it, and kill a second copy of it halfway in a subprocess.
+A tiny study (one epoch of two batches of digits, 2 variants x 2 seeds x 1 FLOPs target) runs
+once for the module, as the command in a subprocess; the tests read its directory, start it
+again in this process, and kill a second copy of it halfway. The variants themselves are
+checked against reference formulations in this process.
 """
 
 from __future__ import annotations
