@@ -83,6 +83,11 @@ class NAMCallback(Callback):
         identity_init: for fine-tuning a trained network: NAM starts as the identity, so the
             model's outputs are unchanged at first (see :func:`~nam_lightning.inject_nam` and
             ``docs/pretrained.md``).
+        nam: inject NAM. ``False`` keeps the network as it is and only adds the penalty (and
+            pruning): Network Slimming. ``targets`` must then select backbone BatchNorms:
+            ``"bn"``, or ``"all"``, which is the same on a network without NAM; ``"nam"``,
+            ``spatial=True`` and explicit ``sites`` are refused. ``detach_weights`` and
+            ``fuse`` are unused.
 
     Example::
 
@@ -103,6 +108,7 @@ class NAMCallback(Callback):
         prune: float | PruneConfig | None = None,
         fuse: bool = True,
         identity_init: bool = False,
+        nam: bool = True,
     ) -> None:
         auto: AutoLambda | None = None
         if lambda_ == "auto":
@@ -120,9 +126,19 @@ class NAMCallback(Callback):
             ("detach_weights", detach_weights),
             ("fuse", fuse),
             ("identity_init", identity_init),
+            ("nam", nam),
         )
         for name, flag in flags:
             check_bool(name, flag)
+        if not nam and (targets == "nam" or spatial or sites != "auto"):
+            given = (
+                "targets='nam'" if targets == "nam" else "spatial=True" if spatial else "`sites`"
+            )
+            raise ValueError(
+                f"`nam=False` adds no NAM, so {given} has nothing to act on: use targets='bn' "
+                "(the backbone BatchNorms, Network Slimming) and leave `spatial` and `sites` "
+                "unset, or nam=True."
+            )
         check_finite_float("sparsity_threshold", sparsity_threshold)
         if log_on not in ("step", "epoch"):
             raise ValueError(f"`log_on` must be 'step' or 'epoch', got {log_on!r}")
@@ -136,6 +152,7 @@ class NAMCallback(Callback):
         self.log_on = log_on
         self.fuse = fuse
         self.identity_init = identity_init
+        self.nam = nam
         if isinstance(prune, (int, float)) and not isinstance(prune, bool):
             if not 0 < prune < 1:  # NaN too
                 raise ValueError(
@@ -180,7 +197,7 @@ class NAMCallback(Callback):
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         missing = [
             n
-            for n in resolve_sites(pl_module, self.sites)
+            for n in (resolve_sites(pl_module, self.sites) if self.nam else [])
             if not isinstance(pl_module.get_submodule(n), NAMSite)
         ]
         if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
@@ -200,6 +217,14 @@ class NAMCallback(Callback):
                     "nam_lightning.inject_nam(model) with the same sites before trainer.fit so "
                     "every process has them."
                 )
+        if not self.nam:
+            if not scale_factors(pl_module, self.targets):
+                raise ValueError(
+                    f"`nam=False` with `targets={self.targets!r}` selects no BatchNorm scale "
+                    f"factor in {type(pl_module).__name__}: nothing to penalise or prune by. "
+                    "Use nam=True for a network without affine BatchNorm layers."
+                )
+            return
         example = pl_module.example_input_array if self.spatial else None
         if self.spatial and example is None:
             raise ValueError(

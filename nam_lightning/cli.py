@@ -6,6 +6,7 @@
     nam-lightning fit / validate / test    # as LightningCLI has them, with NAM and its penalty
     nam-lightning prune --ckpt_path train.ckpt
     nam-lightning finetune --ckpt_path pruned.ckpt
+    nam-lightning study                    # 4 variants x 3 seeds x 3 FLOPs targets, resumable
     nam-lightning run --print_config       # the full configuration, as YAML
 """
 
@@ -33,8 +34,17 @@ from .checkpoint import load_checkpoint
 from .models import ImageClassifier
 from .pipeline import check_run_dir, claim_run_dir, example_batch, render_markdown, run_pipeline
 from .pruning import PruneConfig
+from .study import (
+    Variant,
+    check_pruning,
+    check_study_options,
+    open_study,
+    run_study,
+    study_settings,
+)
 
 PIPELINE_COMMANDS = ("run", "prune", "finetune")
+OWN_COMMANDS = (*PIPELINE_COMMANDS, "study")  # methods of NAMLightningCLI, not of the Trainer
 RUN_DIR_ENV = "NAM_LIGHTNING_RUN_DIR"
 DEFAULT_FLOPS_TARGET = 0.4
 
@@ -63,6 +73,7 @@ class NAMLightningCLI(LightningCLI):
             "run": {"model", "datamodule"},
             "prune": {"model", "datamodule"},
             "finetune": {"model", "datamodule"},
+            "study": {"model", "datamodule"},
         }
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
@@ -71,7 +82,7 @@ class NAMLightningCLI(LightningCLI):
         self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
         parser_subcommands = parser.add_subcommands()
         for subcommand in self.subcommands():
-            klass = type(self) if subcommand in PIPELINE_COMMANDS else self.trainer_class
+            klass = type(self) if subcommand in OWN_COMMANDS else self.trainer_class
             assert isinstance(klass, type)
             description = _get_short_description(getattr(klass, subcommand))
             subparser_kwargs = kwargs.get(subcommand, {})
@@ -83,7 +94,7 @@ class NAMLightningCLI(LightningCLI):
             parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand in PIPELINE_COMMANDS:
+        if subcommand in OWN_COMMANDS:
             getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
         else:
             super()._run_subcommand(subcommand)
@@ -138,6 +149,11 @@ class NAMLightningCLI(LightningCLI):
                 config["run_dir"] = default_run_dir()
             if not _is_launched_worker():
                 check_run_dir(config["run_dir"], config.get("overwrite", False))
+        if self.subcommand == "study":
+            _check_stage_options(config)
+            check_study_options(config["variants"], config["seeds"], config["flops_targets"])
+            check_pruning(PruneConfig(**config["pruning"]))
+            open_study(config["run_dir"], study_settings(config.as_dict()))
         if torch.cuda.is_available() and trainer.get("accelerator") in ("auto", "gpu", "cuda"):
             devices = trainer.get("devices", "auto")
             count = torch.cuda.device_count() if devices in ("auto", -1, "-1") else devices
@@ -151,6 +167,10 @@ class NAMLightningCLI(LightningCLI):
             with self._usage_errors():
                 path = claim_run_dir(config["run_dir"], config.get("overwrite", False))
             self.parser.save(self.config, path, overwrite=True)
+        if self.subcommand == "study":
+            run_dir = Path(self._config()["run_dir"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, run_dir / "config.yaml", overwrite=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         if self.subcommand in PIPELINE_COMMANDS:
@@ -260,6 +280,50 @@ class NAMLightningCLI(LightningCLI):
         trainer.fit(pruned, datamodule=datamodule)
         trainer.test(pruned, datamodule=datamodule)
         trainer.save_checkpoint(Path(run_dir) / "finetuned.ckpt", weights_only=True)
+
+    def study(
+        self,
+        model: ImageClassifier,
+        datamodule: pl.LightningDataModule,
+        variants: tuple[Variant, ...] = ("baseline", "nam", "slimming", "nam+l1"),
+        seeds: tuple[int, ...] = (0, 1, 2),
+        flops_targets: tuple[float, ...] = (0.4, 0.2, 0.1),
+        finetune_epochs: int = 10,
+        run_dir: str = "runs/study",
+    ) -> None:
+        """Compare training variants at equal FLOPs over seeds (resumable).
+
+        For each variant, seed and FLOPs target: train, prune, test, fine-tune, test. Writes
+        study.json, study.md and pareto.png; started again on its directory, it resumes.
+
+        Args:
+            variants: baseline (no NAM, no penalty), nam (NAM, no penalty), slimming (L1 on
+                the backbone BatchNorms, no NAM), nam+l1 (NAM and L1: --nam.*).
+            seeds: one training per variant and seed (--seed_everything is not used).
+            flops_targets: fractions of the FLOPs to keep; each prunes a copy of a training.
+            finetune_epochs: epochs of fine-tuning after pruning.
+            run_dir: the study's directory; a study with the same settings there is resumed.
+        """
+        config = self._config()
+        trainer_kwargs = dict(config["trainer"])
+        trainer_kwargs["callbacks"] = [
+            c
+            for c in (trainer_kwargs.get("callbacks") or [])
+            if c is not None and not isinstance(c, (NAMCallback, ModelCheckpoint))
+        ]
+        run_study(
+            model,
+            datamodule,
+            run_dir=run_dir,
+            settings=study_settings(self.config[str(self.subcommand)].as_dict()),
+            trainer_kwargs=trainer_kwargs,
+            nam_options=self.config[str(self.subcommand)]["nam"].as_dict(),
+            pruning=config["pruning"],
+            variants=variants,
+            seeds=seeds,
+            flops_targets=flops_targets,
+            finetune_epochs=finetune_epochs,
+        )
 
 
 def main(args: Any = None) -> None:
