@@ -28,18 +28,26 @@ penalty can be aimed instead:
    rising; a sudden removal costs accuracy the network must then win back). A wrong start is
    corrected by a factor of 100 in ``ln(100) / ln(1 + rate)`` steps (95 with the default).
 
-The controller below holds only numbers: the callback measures the share and asks it for the
-next lambda. Everything is computed from replicated values (the scale factors are identical on
-every DDP rank), and :meth:`AutoLambda.state_dict` holds all it needs for an exact resume.
+:class:`AutoLambda` holds the settings and the controller (numbers only);
+:class:`PlannedDecay` plans, measures the share and applies the decay with it, on any model
+(the callback calls it once per optimizer step). Everything is computed from replicated
+values (the scale factors are identical on every DDP rank; the plan is broadcast), and
+:meth:`PlannedDecay.state_dict` holds all it needs for an exact resume.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
 from .checks import check_finite_float, check_fraction
+from .pruning import PruneConfig, removal_plan
+from .sparsity import add_masked_decay_, masked_share
 
 
 @dataclass
@@ -136,3 +144,94 @@ class AutoLambda:
         self.first_share = state["first_share"]
         last = state.get("last")
         self.last = None if last is None else (int(last[0]), float(last[1]))
+
+
+class PlannedDecay:
+    """The targeted decay of a training: the plan of the channels pruning will remove, and
+    ``lambda * gamma`` on their scale factors with lambda from an :class:`AutoLambda`.
+
+    Args:
+        auto: the controller (its settings and state).
+        config: the pruning the plan is made for.
+    """
+
+    def __init__(self, auto: AutoLambda, config: PruneConfig) -> None:
+        self.auto = auto
+        self.config = config
+        self.plan: dict[str, list[int]] | None = None  # BatchNorm weight name -> indices
+        self.planned_at: int | None = None
+        self.share: float | None = None  # the planned channels' share of the |gamma| mass
+        self._stepped_at: int | None = None
+        self._penalised: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a plan exists, so that the decay applies."""
+        return self.plan is not None
+
+    def step(
+        self,
+        model: nn.Module,
+        example: Callable[[], Any],
+        step: int,
+        total_steps: int,
+        broadcast: Callable[[Any], Any] = lambda plan: plan,
+    ) -> None:
+        """Before optimizer step ``step`` of ``total_steps``: plan when due (tracing
+        ``example()``; ``broadcast`` makes every process keep the same plan), measure the share
+        and update lambda. Once per step; a second call in the same step does nothing."""
+        if self._stepped_at == step:
+            return
+        self._stepped_at = step
+        replanned = self.auto.plan_due(step, total_steps, self.planned_at)
+        if replanned:
+            self.plan = broadcast(removal_plan(model, example(), self.config))
+            self.planned_at, self._penalised = step, None
+        if self.plan is None:
+            return
+        if self._penalised is None:
+            self._penalised = _planned_scale_factors(model, self.plan)
+        self.share = masked_share(*self._penalised)
+        self.auto.update(self.share, step, total_steps, replanned)
+
+    def add_to_gradients_(self, among: set[int], scale: float = 1.0) -> None:
+        """``grad += scale * lambda * gamma`` on the planned channels of the scale factors whose
+        ``id`` is in ``among`` (those of the optimizer being stepped)."""
+        if self._penalised is None:
+            return
+        params, masks = self._penalised
+        mine = [i for i, p in enumerate(params) if id(p) in among]
+        add_masked_decay_(
+            [params[i] for i in mine], self.auto.lambda_ * scale, [masks[i] for i in mine]
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"auto": self.auto.state_dict(), "plan": self.plan, "planned_at": self.planned_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.auto.load_state_dict(state["auto"])
+        self.plan = state["plan"]
+        self.planned_at = state["planned_at"]
+        self._penalised = None
+
+
+def _planned_scale_factors(
+    model: nn.Module, plan: dict[str, list[int]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The planned scale factors and, for each, a 0/1 mask of its planned channels."""
+    named = dict(model.named_parameters())
+    missing = [name for name in plan if name not in named]
+    if missing:
+        raise RuntimeError(
+            f"The planned channels name parameters this model does not have ({missing[:3]}): "
+            "the model changed since the plan was made."
+        )
+    params: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+    for name, lost in plan.items():
+        param = named[name]
+        mask = torch.zeros_like(param)
+        mask[lost] = 1
+        params.append(param)
+        masks.append(mask)
+    return params, masks

@@ -1,17 +1,12 @@
-"""``NAMCallback``: NAM and its sparsity penalty for any LightningModule.
+"""``NAMCallback``: NAM, its sparsity penalty and pruning for any LightningModule.
 
-The callback only calls the plain-torch core (:mod:`~nam_lightning.inject`,
-:mod:`~nam_lightning.sparsity`); it adds the Lightning timing:
-
-- ``setup``: inject NAM (right after ``configure_model`` when the module builds its layers
-  there), so NAM parameters reach the optimizer, DDP, SyncBatchNorm conversion and checkpoint
-  restore like any other layer;
-- ``on_before_optimizer_step``: add ``lambda_ * sign(gamma)`` to the scale factors' gradients,
-  once per optimizer step, after AMP unscaling and before clipping: exactly the gradient of
-  ``lambda_ * sum |gamma|`` added to the loss, under accumulation, mixed precision and DDP;
-- ``on_train_batch_end`` / ``on_train_epoch_end``: log ``nam/l1_penalty`` and ``nam/sparsity``;
-- ``on_train_end`` (with ``prune=``): remove low-``|gamma|`` channels on every rank, check that the
-  ranks agree, and report what was gained.
+The callback calls the plain-torch core and adds the Lightning timing: ``setup`` injects NAM
+(right after ``configure_model`` when the module builds its layers there), so NAM's
+parameters reach the optimizer, DDP, SyncBatchNorm conversion and checkpoint restore;
+``on_before_optimizer_step`` adds the penalty's gradient once per optimizer step, after AMP
+unscaling and before clipping (``lambda_ * sign(gamma)``, or the planned decay of
+:mod:`~nam_lightning.autolambda`); ``on_train_end`` (with ``prune=``) prunes on every rank,
+checks that the ranks agree and saves the pruned model.
 """
 
 from __future__ import annotations
@@ -34,23 +29,22 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from .attention import NAMSite
-from .autolambda import AutoLambda
+from .autolambda import AutoLambda, PlannedDecay
 from .checks import check_bool, check_finite_float
 from .inject import Sites, check_sites, inject_nam, resolve_sites
-from .pruning import PruneConfig, removal_plan
+from .pruning import PruneConfig
 from .record import pruning_passes, saved_pruning_passes
 from .report import PruneReport
 from .sparsity import (
     Targets,
     add_l1_subgradient_,
-    add_masked_decay_,
     check_targets,
     l1_norm,
-    masked_share,
     non_finite,
     scale_factors,
     sparsity,
 )
+from .utils import copy_from_rank_zero, on_device_of
 
 
 class NAMCallback(Callback):
@@ -175,13 +169,7 @@ class NAMCallback(Callback):
         self.report: PruneReport | None = None
         self.pruned_path: Path | None = None
         self._example: Any = None
-        # auto lambda: the planned channels (BatchNorm weight name -> indices), the step of
-        # that plan, the share of the |gamma| mass they held at the last step
-        self._plan: dict[str, list[int]] | None = None
-        self._planned_at: int | None = None
-        self._masked: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._share: float | None = None
-        self._stepped_at: int | None = None
+        self._decay = None if auto is None else PlannedDecay(auto, prune)  # type: ignore[arg-type]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -264,48 +252,32 @@ class NAMCallback(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if self.auto is not None:
-            self._auto_step(trainer, pl_module)
-            if self._masked is None:
-                return
-            params, masks = self._masked
-            mine = [i for i, p in enumerate(params) if id(p) in stepped]
-            add_masked_decay_(
-                [params[i] for i in mine], self.lambda_ * scale, [masks[i] for i in mine]
-            )
+        if self._decay is not None:
+            self._decay_step(trainer, pl_module)
+            self._decay.add_to_gradients_(stepped, scale)
             return
         if self.lambda_ == 0:
             return
         params = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
         add_l1_subgradient_(params, self.lambda_ * scale)
 
-    def _auto_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Once per optimizer step: plan when due, measure the planned channels' share of the
-        ``|gamma|`` mass, and let the controller set lambda."""
-        assert self.auto is not None and self.prune is not None
-        step = trainer.global_step
-        if self._stepped_at == step:  # a second optimizer in the same step
-            return
-        self._stepped_at = step
+    def _decay_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Plan, measure and set lambda (once per optimizer step; see PlannedDecay)."""
+        assert self._decay is not None
         total = trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "`lambda_='auto'` schedules the penalty over the training, so the number of "
                 "steps must be known: set `max_steps`, or `max_epochs` with a sized dataloader."
             )
-        total = int(total)
-        replanned = self.auto.plan_due(step, total, self._planned_at)
-        if replanned:
-            plan = removal_plan(pl_module, self._example_batch(pl_module)[:1], self.prune)
-            # the scale factors are replicated, so every rank plans the same; rank 0's is kept
-            self._plan = trainer.strategy.broadcast(plan, src=0)
-            self._planned_at, self._masked = step, None
-        if self._plan is None:
-            return
-        if self._masked is None:
-            self._masked = _masks(pl_module, self._plan)
-        self._share = masked_share(*self._masked)
-        self.lambda_ = self.auto.update(self._share, step, total, replanned)
+        self._decay.step(
+            pl_module,
+            lambda: self._example_batch(pl_module)[:1],
+            trainer.global_step,
+            int(total),
+            broadcast=lambda plan: trainer.strategy.broadcast(plan, src=0),
+        )
+        self.lambda_ = self._decay.auto.lambda_
 
     @override
     def on_train_batch_start(
@@ -323,7 +295,7 @@ class NAMCallback(Callback):
         self._check_finite(pl_module)
         # one batch for every rank: what removed channels contribute is measured on it
         example = trainer.strategy.broadcast(self._example_batch(pl_module), src=0)
-        self.report = self.prune.apply(pl_module, _to(example, pl_module))
+        self.report = self.prune.apply(pl_module, on_device_of(example, pl_module))
         history = pruning_passes(pl_module)[-1].history
         digest = hashlib.sha256(json.dumps(history).encode()).hexdigest()
         agreed = digest == trainer.strategy.broadcast(digest, src=0)
@@ -332,7 +304,7 @@ class NAMCallback(Callback):
                 "NAMCallback: the ranks pruned different channels (their BatchNorm scale "
                 "factors differ), so the models are no longer replicas; nothing was saved."
             )
-        _copy_from_rank_zero(pl_module)
+        copy_from_rank_zero(pl_module)
         self.pruned_path = self._save_pruned(trainer)
         saved = (
             f"Saved {self.pruned_path}"
@@ -419,27 +391,17 @@ class NAMCallback(Callback):
                 "NAMCallback(prune=...) needs an example batch: set `example_input_array` on "
                 "the LightningModule, or train on batches whose first element is the input."
             )
-        return _to(example, pl_module)
+        return on_device_of(example, pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        if self.auto is None:
-            return {}
-        return {
-            "auto": self.auto.state_dict(),
-            "plan": self._plan,
-            "planned_at": self._planned_at,
-        }
+        return {} if self._decay is None else self._decay.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.auto is None or "auto" not in state_dict:
-            return
-        self.auto.load_state_dict(state_dict["auto"])
-        self.lambda_ = self.auto.lambda_
-        self._plan = state_dict["plan"]
-        self._planned_at = state_dict["planned_at"]
-        self._masked = None
+        if self._decay is not None and "auto" in state_dict:
+            self._decay.load_state_dict(state_dict)
+            self.lambda_ = self._decay.auto.lambda_
 
     def _check_finite(self, pl_module: pl.LightningModule) -> None:
         """Stop when a scale factor is NaN or inf, before it spreads (once per epoch)."""
@@ -455,57 +417,15 @@ class NAMCallback(Callback):
     def _log(self, pl_module: pl.LightningModule, on_step: bool) -> None:
         params = scale_factors(pl_module, self.targets)
         metrics: dict[str, Any] = {"nam/sparsity": sparsity(params, self.sparsity_threshold)}
-        if self.auto is None:
+        if self._decay is None:
             metrics["nam/l1_penalty"] = self.lambda_ * l1_norm(params)
         else:
-            metrics["nam/lambda"] = self.lambda_ if self._masked is not None else 0.0
-            if self._share is not None:
-                metrics["nam/pruned_mass"] = self._share
+            assert self._decay is not None
+            metrics["nam/lambda"] = self.lambda_ if self._decay.active else 0.0
+            if self._decay.share is not None:
+                metrics["nam/pruned_mass"] = self._decay.share
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step)
-
-
-@torch.no_grad()
-def _copy_from_rank_zero(pl_module: pl.LightningModule) -> None:
-    """Give every rank rank 0's pruned tensors. Without SyncBatchNorm each rank has its own
-    running statistics, so what the removed channels contribute, folded into running means and
-    biases, differs a little between ranks; after this the replicas are equal again."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    for tensor in (*pl_module.parameters(), *pl_module.buffers()):
-        torch.distributed.broadcast(tensor.data, src=0)
-
-
-def _to(example: Any, pl_module: pl.LightningModule) -> Any:
-    """``example`` (a tensor or a tuple holding tensors) on the module's device."""
-    device = next(pl_module.parameters()).device
-    if isinstance(example, torch.Tensor):
-        return example.to(device)
-    if isinstance(example, tuple):
-        return tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
-    return example
-
-
-def _masks(
-    pl_module: pl.LightningModule, plan: dict[str, list[int]]
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The planned scale factors and, for each, a 0/1 mask of its planned channels."""
-    named = dict(pl_module.named_parameters())
-    missing = [name for name in plan if name not in named]
-    if missing:
-        raise RuntimeError(
-            f"NAMCallback: the planned channels name parameters this model does not have "
-            f"({missing[:3]}): the model changed since the plan was made."
-        )
-    params: list[torch.Tensor] = []
-    masks: list[torch.Tensor] = []
-    for name, lost in plan.items():
-        param = named[name]
-        mask = torch.zeros_like(param, dtype=param.dtype)
-        mask[lost] = 1
-        params.append(param)
-        masks.append(mask)
-    return params, masks
 
 
 def _configure_then_inject(

@@ -30,3 +30,25 @@ class eval_mode:
         self.grad.__exit__(*exc)
         for module, flag in self.flags.items():
             module.training = flag
+
+
+def on_device_of(example: Any, model: nn.Module) -> Any:
+    """``example`` (a tensor, or a tuple holding tensors) on ``model``'s device."""
+    device = next(model.parameters()).device
+    if isinstance(example, torch.Tensor):
+        return example.to(device)
+    if isinstance(example, tuple):
+        return tuple(e.to(device) if isinstance(e, torch.Tensor) else e for e in example)
+    return example
+
+
+@torch.no_grad()
+def copy_from_rank_zero(model: nn.Module) -> None:
+    """Give every process of ``torch.distributed`` rank 0's parameters and buffers (nothing
+    without a process group). After pruning without SyncBatchNorm each rank has its own running
+    statistics, so what the removed channels contribute, folded into running means and biases,
+    differs a little between ranks; after this the replicas are equal again."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for tensor in (*model.parameters(), *model.buffers()):
+        torch.distributed.broadcast(tensor.data, src=0)

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from lightning_helpers import tiny_resnet
 
-from nam_lightning import AutoLambda
+from nam_lightning import AutoLambda, PruneConfig, inject_nam, prune_channels
+from nam_lightning.autolambda import PlannedDecay
 from nam_lightning.sparsity import add_masked_decay_, masked_share
 
 TOTAL = 400
@@ -111,3 +113,35 @@ def test_masked_share_is_the_masked_part_of_the_l1_mass() -> None:
     params = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([-4.0])]
     masks = [torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0])]
     assert masked_share(params, masks) == pytest.approx(6.0 / 10.0)
+
+
+def test_planned_decay_plans_what_pruning_removes_and_decays_only_that() -> None:
+    model = tiny_resnet()
+    inject_nam(model)
+    with torch.no_grad():  # distinct |gamma| so that the ranking is clear
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.copy_(torch.rand(module.num_features) + 0.1)
+    x = torch.randn(2, 3, 8, 8)
+    decay = PlannedDecay(AutoLambda(start=0.5, warmup=0.1), PruneConfig(amount=0.5))
+    decay.step(model, lambda: x, step=0, total_steps=10)
+    assert decay.plan is None  # still warming up
+    decay.step(model, lambda: x, step=1, total_steps=10)
+    assert decay.plan and all("nam." not in name for name in decay.plan)  # backbone only
+
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    decay.add_to_gradients_({id(p) for p in params.values()})
+    for name, p in params.items():
+        expected = torch.zeros_like(p)
+        if name in decay.plan:
+            expected[decay.plan[name]] = 0.5 * p.detach()[decay.plan[name]]
+        torch.testing.assert_close(p.grad, expected, msg=name)
+
+    # The plan is what pruning then removes: the planned channels are the ones that go.
+    kept = {name: p.shape[0] for name, p in params.items() if name in decay.plan}
+    prune_channels(model, x, 0.5, measure=False)
+    after = dict(model.named_parameters())
+    for name, lost in decay.plan.items():
+        assert after[name].shape[0] == kept[name] - len(lost), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from typing import Any
 
@@ -336,16 +337,21 @@ def test_pruned_model_is_saved_without_optimizer_state_and_cannot_be_resumed(
     assert callback2.pruned_path == tmp_path / "pruned-v1.ckpt"
 
 
-def test_auto_lambda_penalises_only_the_planned_channels() -> None:
+def test_auto_lambda_moves_lambda_and_prunes(tmp_path: Any) -> None:
     pl.seed_everything(0, verbose=False)
     model = Classifier()
     auto = AutoLambda(warmup=0.1, replan=0.5)
     callback = NAMCallback(auto, prune=PruneConfig(amount=0.5))
-    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_steps=6))
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer = pl.Trainer(
+        callbacks=[callback], **trainer_kwargs(max_steps=6, logger=logger, log_every_n_steps=1)
+    )
     trainer.fit(model)
-    assert callback._plan
-    assert all(name.endswith(".weight") and "nam." not in name for name in callback._plan)
     assert callback.lambda_ == auto.lambda_ != 1e-2  # moved from its start
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["nam/lambda"] for r in rows if r.get("nam/pruned_mass")]  # logged once planned
+    assert callback.report is not None and callback.report.flops_ratio < 1
 
 
 @pytest.mark.parametrize(
