@@ -146,6 +146,9 @@ class AutoLambda:
         self.last = None if last is None else (int(last[0]), float(last[1]))
 
 
+_RESOLVE = 5  # plans between two solves of a FLOPs target (the plans in between reuse its amount)
+
+
 class PlannedDecay:
     """The targeted decay of a training: the plan of the channels pruning will remove, and
     ``lambda * gamma`` on their scale factors with lambda from an :class:`AutoLambda`.
@@ -160,6 +163,8 @@ class PlannedDecay:
         self.config = config
         self.plan: dict[str, list[int]] | None = None  # BatchNorm weight name -> indices
         self.planned_at: int | None = None
+        self.amount: float | None = None  # of channels, solved for a FLOPs target
+        self.plans = 0
         self.share: float | None = None  # the planned channels' share of the |gamma| mass
         self._stepped_at: int | None = None
         self._penalised: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -185,8 +190,12 @@ class PlannedDecay:
         self._stepped_at = step
         replanned = self.auto.plan_due(step, total_steps, self.planned_at)
         if replanned:
-            self.plan = broadcast(removal_plan(model, example(), self.config))
-            self.planned_at, self._penalised = step, None
+            # Solving a FLOPs target takes a dozen dry runs; between solves (every
+            # _RESOLVE-th plan) the amount found last is reused, one dry run a plan.
+            reuse = self.amount if self.plans % _RESOLVE else None
+            plan, self.amount = removal_plan(model, example(), self.config, reuse)
+            self.plan = broadcast(plan)
+            self.planned_at, self.plans, self._penalised = step, self.plans + 1, None
         if self.plan is None:
             return
         if self._penalised is None:
@@ -206,12 +215,20 @@ class PlannedDecay:
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"auto": self.auto.state_dict(), "plan": self.plan, "planned_at": self.planned_at}
+        return {
+            "auto": self.auto.state_dict(),
+            "plan": self.plan,
+            "planned_at": self.planned_at,
+            "amount": self.amount,
+            "plans": self.plans,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.auto.load_state_dict(state["auto"])
         self.plan = state["plan"]
         self.planned_at = state["planned_at"]
+        self.amount = state.get("amount")
+        self.plans = state.get("plans", 0)
         self._penalised = None
 
 

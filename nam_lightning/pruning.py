@@ -239,8 +239,8 @@ def replay_pruning(model: nn.Module, passes: Sequence[PruningPass]) -> None:
 
 
 def removal_plan(
-    model: nn.Module, example_inputs: Any, config: PruneConfig
-) -> dict[str, list[int]]:
+    model: nn.Module, example_inputs: Any, config: PruneConfig, amount: float | None = None
+) -> tuple[dict[str, list[int]], float]:
     """The channels ``config.apply(model, example_inputs)`` would remove now, without removing
     them: for each BatchNorm that ranks channels (the backbone's, or NAM's with
     ``importance="nam"``) and would lose some, its weight's name and the indices lost.
@@ -248,6 +248,8 @@ def removal_plan(
     A dry run of the real pruning: every BatchNorm's bias is replaced by its channel indices
     (the bias takes no part in the ranking, and the surgery cuts it like the weight), the
     model is pruned, the surviving indices are read back, and the model is restored exactly.
+    Returns the plan and the amount pruned: ``config``'s own, the one solved for its
+    ``flops_target``, or ``amount`` when given (which skips solving a FLOPs target again).
     """
     ranking = {id(m.bn) for m in model.modules() if isinstance(m, NAMChannelAttention)}
     use_nam = config.importance == "nam"
@@ -262,8 +264,8 @@ def removal_plan(
                 module.bias = nn.Parameter(index.to(bias.dtype), requires_grad=False)
                 marked[name] = (module, bias.shape[0])
         ignored = [_output_layer(model, example_inputs)]
-        amount = config.amount
-        if config.flops_target is not None:
+        amount = amount if amount is not None else config.amount
+        if amount is None and config.flops_target is not None:
             flops = count_flops(model, example_inputs)
             amount = _solve_amount(model, example_inputs, config, flops, _Snapshot(model), ignored)
         assert amount is not None
@@ -275,7 +277,7 @@ def removal_plan(
             lost = [i for i in range(count) if i not in kept]
             if lost:
                 plan[f"{name}.weight" if name else "weight"] = lost
-        return plan
+        return plan, amount
     finally:
         snapshot.restore()
 
