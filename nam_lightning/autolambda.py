@@ -21,8 +21,10 @@ penalty can be aimed instead:
    its value at the first plan to ``final_share`` by ``settle`` of the training, and stay
    there. The controller steers how fast the share falls, not where it is: every optimizer
    step it wants the share to fall by the fraction that would close the gap to the schedule
-   over the next ``horizon`` of the training, and multiplies lambda by ``1 + rate`` when the
-   share fell less than that in the last step, divides it by ``1 + rate`` when it fell more.
+   over the next ``horizon`` of the training (at most twice the schedule's mean pace), and
+   multiplies lambda by ``1 + rate`` when the share fell less than that in the last step,
+   divides it by ``1 + rate`` when it fell more (by ``(1 + rate)^3`` when it fell more than
+   twice as much).
    Steering the fall keeps the penalty from emptying the channels all at once when it finally
    bites (the scale factors, slowed by momentum, keep moving for a while after lambda stops
    rising; a sudden removal costs accuracy the network must then win back). A wrong start is
@@ -121,14 +123,25 @@ class AutoLambda:
             horizon = max(1.0, self.horizon * total_steps)
             target = self.target_share(step + horizon, total_steps)
             tiny = 1e-12  # a share of 0 falls no further
-            wanted = math.log(max(share, tiny) / target) / horizon  # per step, to close the gap
+            # per step: what closes the gap to the schedule, but never more than twice the
+            # schedule's own mean pace, however far behind the share is
+            wanted = min(math.log(max(share, tiny) / target) / horizon, 2 * self._pace(total_steps))
             fell = math.log(max(self.last[1], tiny) / max(share, tiny)) / (step - self.last[0])
             if fell < wanted:
                 self.lambda_ *= 1 + self.rate
+            elif fell > 2 * max(wanted, 0.0):  # well past it: back off three times as fast
+                self.lambda_ /= (1 + self.rate) ** 3
             else:
                 self.lambda_ /= 1 + self.rate
         self.last = (step, share)
         return self.lambda_
+
+    def _pace(self, total_steps: int) -> float:
+        """The schedule's mean fall per step, from the first share to ``final_share``."""
+        assert self.first_step is not None and self.first_share is not None
+        end = max(self.first_step + 1, round(self.settle * total_steps))
+        first = max(self.first_share, self.final_share)
+        return math.log(first / self.final_share) / (end - self.first_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {

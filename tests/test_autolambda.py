@@ -31,7 +31,8 @@ def test_lambda_moves_by_the_rate_towards_the_schedule() -> None:
     assert auto.update(0.5, 10, TOTAL) == 1e-3  # the first call only starts the schedule
     target = auto.target_share(11, TOTAL)
     assert auto.update(target * 2, 11, TOTAL) == pytest.approx(1.1e-3)  # lagging: up
-    assert auto.update(0.0, 12, TOTAL) == pytest.approx(1e-3)  # ahead: down
+    # far ahead (the share fell to 0: more than twice what was wanted): down three times
+    assert auto.update(0.0, 12, TOTAL) == pytest.approx(1.1e-3 / 1.1**3)
 
 
 def toy_training(auto: AutoLambda) -> tuple[list[float], list[float]]:
