@@ -55,8 +55,7 @@ def toy_training(auto: AutoLambda) -> tuple[list[float], list[float]]:
 def test_a_start_100x_off_still_reaches_the_final_share(start: float) -> None:
     auto = AutoLambda(start=start)
     shares, _ = toy_training(auto)
-    settle = round(auto.settle * TOTAL) - round(auto.warmup * TOTAL)
-    assert max(shares[settle:]) <= 2 * auto.final_share
+    assert max(shares[-TOTAL // 20 :]) <= 2 * auto.final_share  # when pruning comes
 
 
 def test_state_dict_resumes_exactly() -> None:
