@@ -5,8 +5,8 @@ large and every channel shrinks, the kept ones included, until accuracy collapse
 pruning target known in advance (``PruneConfig(amount=...)`` or ``flops_target=...``) the
 penalty can be aimed instead:
 
-1. Warm-up (``warmup``, a fraction of the training steps): no penalty; the network trains and
-   its BatchNorm scale factors start to say which channels matter.
+1. Warm-up (``warmup``, a fraction of the training steps, 20%): no penalty; the network
+   trains and its BatchNorm scale factors start to say which channels matter.
 2. Plan: the channels that pruning *would* remove now are found by a dry run of the real
    pruning (same configuration, model restored exactly), again every ``replan`` of the
    training, so a channel that turns out to matter can leave the set.
@@ -17,7 +17,7 @@ penalty can be aimed instead:
    a few steps once lambda is large enough, and the network loses at once what those channels
    carried; a decay shrinks the mass geometrically, at a rate that lambda sets, which the
    schedule below can follow.
-4. Control: the planned channels' share of the ``|gamma|`` mass should fall geometrically from
+4. Control: the planned channels' share of the ``|gamma|`` mass should fall along a cosine from
    its value at the first plan to ``final_share`` by ``settle`` of the training, and stay
    there. The controller steers how fast the share falls, not where it is: every optimizer
    step it wants the share to fall by the fraction that would close the gap to the schedule
@@ -70,7 +70,7 @@ class AutoLambda:
 
     start: float = 1e-2
     rate: float = 0.05
-    warmup: float = 0.1
+    warmup: float = 0.2
     settle: float = 0.7
     final_share: float = 1e-3
     replan: float = 0.05
@@ -109,7 +109,9 @@ class AutoLambda:
         end = max(self.first_step + 1, round(self.settle * total_steps))
         progress = min(1.0, (step - self.first_step) / (end - self.first_step))
         first = max(self.first_share, self.final_share)
-        return first * (self.final_share / first) ** progress
+        # a cosine from the first share to the final one: the mass goes slowly at first, while
+        # the network learns to do without it, fastest half-way, and settles gently
+        return self.final_share + (first - self.final_share) * (1 + math.cos(math.pi * progress)) / 2
 
     def update(self, share: float, step: int, total_steps: int, replanned: bool = False) -> float:
         """Take the planned channels' current share of the mass; return lambda for this step.

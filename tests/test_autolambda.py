@@ -15,14 +15,14 @@ from nam_lightning.sparsity import add_masked_decay_, masked_share
 TOTAL = 400
 
 
-def test_schedule_falls_geometrically_from_the_first_share_to_the_final_one() -> None:
+def test_schedule_falls_along_a_cosine_from_the_first_share_to_the_final_one() -> None:
     auto = AutoLambda(warmup=0.1, settle=0.7, final_share=1e-3)
     assert auto.target_share(40, TOTAL) == math.inf  # before the first plan: no target
     auto.update(0.4, 40, TOTAL)
     end = round(0.7 * TOTAL)
     for step in (40, 100, 200, end, end + 50):
         progress = min(1.0, (step - 40) / (end - 40))
-        expected = 0.4 * (1e-3 / 0.4) ** progress
+        expected = 1e-3 + (0.4 - 1e-3) * (1 + math.cos(math.pi * progress)) / 2
         assert auto.target_share(step, TOTAL) == pytest.approx(expected, rel=1e-12)
 
 
