@@ -111,7 +111,8 @@ class AutoLambda:
         first = max(self.first_share, self.final_share)
         # a cosine from the first share to the final one: the mass goes slowly at first, while
         # the network learns to do without it, fastest half-way, and settles gently
-        return self.final_share + (first - self.final_share) * (1 + math.cos(math.pi * progress)) / 2
+        cosine = (1 + math.cos(math.pi * progress)) / 2
+        return self.final_share + (first - self.final_share) * cosine
 
     def update(self, share: float, step: int, total_steps: int, replanned: bool = False) -> float:
         """Take the planned channels' current share of the mass; return lambda for this step.
