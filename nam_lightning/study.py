@@ -49,10 +49,10 @@ from .pruning import PruneConfig
 from .study_report import duration, render_markdown, summarize, write_pareto
 from .study_units import VARIANTS, Unit, UnitRunner, aimed_variants, checkpoints
 
-STUDY_JSON = "study.json"
-LOCK = "study.lock"
-CONFIG = "config.yaml"  # written by the command line; allowed in a new study's directory
-FORMAT = 2
+_STUDY_JSON = "study.json"
+_LOCK = "study.lock"
+_CONFIG = "config.yaml"  # written by the command line; allowed in a new study's directory
+_FORMAT = 2
 
 # Settings that do not change a run's numbers: display and logging (the study sets its own).
 _NOT_SETTINGS = {
@@ -165,27 +165,30 @@ def open_study(run_dir: str | os.PathLike[str], settings: Mapping[str, Any]) -> 
     settings = json.loads(json.dumps(settings, default=str))
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"--run_dir {path}: a file is in the way, not a directory")
-    saved = path / STUDY_JSON
+    saved = path / _STUDY_JSON
     if not saved.exists():
         others = [p.name for p in path.iterdir()] if path.exists() else []
-        others = sorted(name for name in others if name not in (CONFIG, LOCK))
+        others = sorted(name for name in others if name not in (_CONFIG, _LOCK))
         if others:
             raise FileExistsError(
-                f"--run_dir {path} holds files ({', '.join(others[:3])}) but no {STUDY_JSON}: it "
+                f"--run_dir {path} holds files ({', '.join(others[:3])}) but no {_STUDY_JSON}: it "
                 "is not a study's directory. Pick a new or empty directory."
             )
-        return {"format": FORMAT, "settings": settings, "trainings": {}, "runs": {}}
+        return {"format": _FORMAT, "settings": settings, "trainings": {}, "runs": {}}
     try:
         study = json.loads(saved.read_text())
-        if study.get("format") != FORMAT:
-            raise ValueError(f"format {study.get('format')!r}, not {FORMAT}")
+        if study.get("format") != _FORMAT:
+            raise ValueError(
+                f"format {study.get('format')!r}, not {_FORMAT}: written by another version "
+                "of nam-lightning; start a new study in another --run_dir"
+            )
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"--run_dir {path}: {STUDY_JSON} cannot be read ({err})") from err
+        raise ValueError(f"--run_dir {path}: {_STUDY_JSON} cannot be read ({err})") from err
     changed = _differences(study["settings"], settings)
     if changed:
         raise ValueError(
             f"--run_dir {path} holds a study with other settings ({'; '.join(changed[:6])}): "
-            f"resume it with its own (`nam-lightning --config {path / CONFIG}`), or "
+            f"resume it with its own (`nam-lightning --config {path / _CONFIG}`), or "
             "start a new study in another --run_dir."
         )
     return dict(study)
@@ -252,7 +255,7 @@ def run_study(
         todo = _pending(study, units, path)
         if todo:  # the machine the numbers come from (the last one that ran units)
             study["machine"] = _machine()
-        _write_json(path / STUDY_JSON, study)
+        _write_json(path / _STUDY_JSON, study)
         trainings = sum(u.training is None for u in units)
         say(
             f"study: {path}: {len(units)} units ({trainings} trainings, "
@@ -277,7 +280,7 @@ def run_study(
                 record = runner.prune_and_finetune(unit, trained)
                 study["runs"][unit.key] = record
             record["seconds"] = time.perf_counter() - began
-            _write_json(path / STUDY_JSON, study)
+            _write_json(path / _STUDY_JSON, study)
             done_cost += cost(unit)
             elapsed = time.perf_counter() - start
             left = elapsed / done_cost * sum(cost(u) for u in todo[k + 1 :])
@@ -286,12 +289,12 @@ def run_study(
                 f"{_outcome(record)} | elapsed {duration(elapsed)}, about "
                 f"{duration(left)} left"
             )
-        write_artifacts(path, study, variants, seeds, flops_targets)
+        _write_artifacts(path, study, variants, seeds, flops_targets)
     say(f"study: done; {path / 'study.md'}, {path / 'pareto.png'}")
     return study
 
 
-def write_artifacts(
+def _write_artifacts(
     run_dir: Path,
     study: Mapping[str, Any],
     variants: Sequence[str],
@@ -380,12 +383,12 @@ def _locked(run_dir: Path) -> Iterator[None]:
     except ImportError:  # no advisory locks on this system (Windows)
         yield
         return
-    with open(run_dir / LOCK, "w") as f:
+    with open(run_dir / _LOCK, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(
-                f"Another study is running in {run_dir} (it holds {run_dir / LOCK}); wait for "
+                f"Another study is running in {run_dir} (it holds {run_dir / _LOCK}); wait for "
                 "it to end, or use another --run_dir."
             ) from None
         yield
