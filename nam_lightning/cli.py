@@ -34,14 +34,8 @@ from .checkpoint import load_checkpoint
 from .models import ImageClassifier
 from .pipeline import check_run_dir, claim_run_dir, example_batch, render_markdown, run_pipeline
 from .pruning import PruneConfig
-from .study import (
-    Variant,
-    check_pruning,
-    check_study_options,
-    open_study,
-    run_study,
-    study_settings,
-)
+from .study import check_pruning, check_study_options, open_study, run_study, study_settings
+from .study_units import Variant
 
 PIPELINE_COMMANDS = ("run", "prune", "finetune")
 OWN_COMMANDS = (*PIPELINE_COMMANDS, "study")  # methods of NAMLightningCLI, not of the Trainer
@@ -289,6 +283,7 @@ class NAMLightningCLI(LightningCLI):
         seeds: tuple[int, ...] = (0, 1, 2),
         flops_targets: tuple[float, ...] = (0.4, 0.2, 0.1),
         finetune_epochs: int = 10,
+        finetune_lr: float = 0.01,
         run_dir: str = "runs/study",
     ) -> None:
         """Compare training variants at equal FLOPs over seeds (resumable).
@@ -297,11 +292,14 @@ class NAMLightningCLI(LightningCLI):
         study.json, study.md and pareto.png; started again on its directory, it resumes.
 
         Args:
-            variants: baseline (no NAM, no penalty), nam (NAM, no penalty), slimming (L1 on
-                the backbone BatchNorms, no NAM), nam+l1 (NAM and L1: --nam.*).
-            seeds: one training per variant and seed (--seed_everything is not used).
-            flops_targets: fractions of the FLOPs to keep; each prunes a copy of a training.
+            variants: baseline (no NAM, no penalty), nam (NAM, no penalty), slimming (the
+                penalty on the backbone BatchNorms, no NAM), nam+l1 (NAM and the penalty:
+                --nam.*). Under --nam.lambda_ auto, slimming and nam+l1 train once per FLOPs
+                target; the others train once per seed.
+            seeds: the seeds of the runs (--seed_everything is not used).
+            flops_targets: fractions of the FLOPs to keep.
             finetune_epochs: epochs of fine-tuning after pruning.
+            finetune_lr: learning rate fine-tuning starts at (cosine decay, no warm-up).
             run_dir: the study's directory; a study with the same settings there is resumed.
         """
         config = self._config()
@@ -323,6 +321,7 @@ class NAMLightningCLI(LightningCLI):
             seeds=seeds,
             flops_targets=flops_targets,
             finetune_epochs=finetune_epochs,
+            finetune_lr=finetune_lr,
         )
 
 

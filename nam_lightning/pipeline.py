@@ -135,7 +135,7 @@ def run_pipeline(
     trainer = make_trainer("train", True)
     callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
     nam = next(c for c in callbacks if isinstance(c, NAMCallback))
-    callbacks.insert(callbacks.index(nam), _SaveTrained(run_dir / "trained.ckpt"))
+    callbacks.insert(callbacks.index(nam), SaveTrained(run_dir / "trained.ckpt"))
     trainer.fit(model, datamodule=datamodule)
     assert nam.report is not None and nam.pruned_path is not None
     report = nam.report
@@ -176,7 +176,7 @@ def run_pipeline(
     return summary
 
 
-class _SaveTrained(Callback):
+class SaveTrained(Callback):
     """Saves the trained model (weights-only) when training ends, before the
     :class:`~nam_lightning.NAMCallback` after it in the list prunes it."""
 

@@ -1,9 +1,11 @@
-"""``NAMCallback(nam=False)`` and the ``nam-lightning study`` command (nam_lightning.study).
+"""``NAMCallback(nam=False)`` and the ``nam-lightning study`` command (nam_lightning.study,
+study_units, study_report).
 
-A tiny study (one epoch of two batches of digits, 2 variants x 2 seeds x 1 FLOPs target) runs
-once for the module, as the command in a subprocess; the tests read its directory, start it
-again in this process, and kill a second copy of it halfway. The variants themselves are
-checked against reference formulations in this process.
+A tiny study (one epoch of two batches of digits, 2 variants x 2 seeds x 1 FLOPs target; the
+penalised variant under the automatic lambda, so trained once per target) runs once for the
+module, as the command in a subprocess; the tests read its directory, start it again in this
+process, and kill a second copy of it halfway. The variants themselves are checked against
+reference formulations in this process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -28,10 +31,24 @@ from lightning_helpers import Classifier, tensors, trainer_kwargs
 from test_callback import LAMBDA, assert_same_params, fit
 from test_cli import TINY, cli, usage_error
 
-from nam_lightning import NAMCallback, NAMSite
-from nam_lightning.study import VARIANTS, plan, variant_callback
+from nam_lightning import AutoLambda, NAMCallback, NAMSite, PruneConfig, load_checkpoint
+from nam_lightning.data import DigitsDataModule
+from nam_lightning.kernels import Kernel
+from nam_lightning.models import ImageClassifier
+from nam_lightning.study import plan, run_study
+from nam_lightning.study_units import VARIANTS, UnitRunner, aimed_variants, variant_callback
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eager_kernels() -> Iterator[None]:
+    """NAM's kernels run eagerly in this module's fits, as in its subprocesses
+    (``NAM_LIGHTNING_COMPILE=0``): compiling them takes longer than these tiny fits and
+    changes nothing that is tested here."""
+    with mock.patch.object(Kernel, "__call__", lambda self, *args: self.fn(*args)):
+        yield
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_STUDY = [
@@ -42,14 +59,12 @@ TINY_STUDY = [
     "--flops_targets=[0.4]",
     "--finetune_epochs=1",
 ]
-UNITS = [
-    "baseline/seed0",
+# baseline trains once per seed; nam+l1 (automatic lambda) once per seed and FLOPs target
+TRAININGS = ["baseline/seed0", "nam+l1/seed0/flops0.4", "baseline/seed1", "nam+l1/seed1/flops0.4"]
+RUNS = [
     "baseline/seed0/flops0.4",
-    "nam+l1/seed0",
     "nam+l1/seed0/flops0.4",
-    "baseline/seed1",
     "baseline/seed1/flops0.4",
-    "nam+l1/seed1",
     "nam+l1/seed1/flops0.4",
 ]
 
@@ -126,17 +141,77 @@ def test_variant_trains_as_its_reference(variant: str) -> None:
     assert_same_params(tensors(model), tensors(fit(dict(REFERENCES[variant]), None)))
 
 
-def test_plan_shares_each_training_among_its_targets() -> None:
-    units = plan(["baseline", "nam+l1"], [0, 1], [0.4, 0.2])
-    assert len(units) == 4 + 4 * 2  # trainings + fine-tunings, not their product
-    assert [u.key for u in units[:6]] == [
-        "baseline/seed0",
-        "baseline/seed0/flops0.4",
-        "baseline/seed0/flops0.2",
+AIMED = {"slimming": {"nam": False, "targets": "bn"}, "nam+l1": {"targets": "all"}}
+
+
+@pytest.mark.parametrize("variant", list(AIMED))
+def test_aimed_variant_trains_as_the_automatic_lambda_for_its_target(variant: str) -> None:
+    # --nam.lambda_ auto: the penalised variants are aimed at the pruning and end with it
+    # (the study's is a FLOPs target; this network is too small to meet one within 2%).
+    prune = PruneConfig(amount=0.5)
+    options = {"lambda_": "auto", "targets": "all", "sites": "auto", "spatial": False}
+    callback = variant_callback(variant, options, prune)
+    assert isinstance(callback.auto, AutoLambda) and callback.prune == prune
+    model = fit({}, callback)
+    reference = NAMCallback("auto", prune=prune, **AIMED[variant])
+    assert_same_params(tensors(model), tensors(fit({}, reference)))
+    assert callback.report is not None and callback.report.removed_channels > 0
+    assert any(isinstance(m, NAMSite) for m in model.modules()) == (variant == "nam+l1")
+
+
+def test_only_the_automatic_lambda_trains_once_per_target() -> None:
+    assert aimed_variants(list(VARIANTS), {"lambda_": "auto"}) == ["slimming", "nam+l1"]
+    assert aimed_variants(list(VARIANTS), {"lambda_": AutoLambda()}) == ["slimming", "nam+l1"]
+    assert aimed_variants(list(VARIANTS), {"lambda_": LAMBDA}) == []
+
+
+def test_plan_shares_only_unpenalised_trainings_among_targets() -> None:
+    units = plan(["baseline", "nam+l1"], [0, 1], [0.4, 0.2], aimed=["nam+l1"])
+    # trainings: 1 variant x 2 seeds + 1 variant x 2 seeds x 2 targets; runs: 2 x 2 x 2
+    assert len(units) == 2 + 4 + 8
+    assert [(u.key, u.training and u.training.key) for u in units[:7]] == [
+        ("baseline/seed0", None),
+        ("baseline/seed0/flops0.4", "baseline/seed0"),
+        ("baseline/seed0/flops0.2", "baseline/seed0"),
+        ("nam+l1/seed0/flops0.4", None),
+        ("nam+l1/seed0/flops0.4", "nam+l1/seed0/flops0.4"),
+        ("nam+l1/seed0/flops0.2", None),
+        ("nam+l1/seed0/flops0.2", "nam+l1/seed0/flops0.2"),
+    ]
+    assert [u.key for u in plan(["nam+l1"], [0], [0.4, 0.2])] == [
         "nam+l1/seed0",
         "nam+l1/seed0/flops0.4",
         "nam+l1/seed0/flops0.2",
-    ]
+    ]  # a fixed lambda: one training for both targets
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"finetune_lr": 0.0}, ValueError, r"`finetune_lr` must be a finite float > 0, got 0.0"),
+        ({"finetune_lr": "0.1"}, TypeError, r"`finetune_lr` must be a float, got str"),
+        ({"finetune_epochs": 0}, ValueError, r"`finetune_epochs` must be an int >= 1, got 0"),
+        ({"finetune_epochs": 1.5}, TypeError, r"`finetune_epochs` must be an int, got 1.5"),
+    ],
+)
+def test_run_study_refuses_bad_fine_tuning_before_any_work(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    arguments: dict[str, Any] = {
+        "run_dir": tmp_path / "new",
+        "settings": {},
+        "trainer_kwargs": {},
+        "nam_options": {},
+        "pruning": PruneConfig(flops_target=0.4),
+        "variants": ["baseline"],
+        "seeds": [0],
+        "flops_targets": [0.4],
+        "finetune_epochs": 1,
+        **kwargs,
+    }
+    with pytest.raises(error, match=match):
+        run_study(ImageClassifier(), DigitsDataModule(), **arguments)
+    assert not (tmp_path / "new").exists()
 
 
 # The command, on tiny settings.
@@ -183,30 +258,43 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def test_tiny_study_writes_every_run_and_the_three_artifacts(study_dir: Path) -> None:
     study = read_study(study_dir)
-    assert sorted(study["trainings"]) == sorted(u for u in UNITS if "flops" not in u)
-    assert sorted(study["runs"]) == sorted(u for u in UNITS if "flops" in u)
-    for run in study["runs"].values():
-        trained = study["trainings"][f"{run['variant']}/seed{run['seed']}"]
+    assert sorted(study["trainings"]) == sorted(TRAININGS)
+    assert sorted(study["runs"]) == sorted(RUNS)
+    for key, run in study["runs"].items():
+        trained = study["trainings"][run["training"]]
+        assert run["training"] == (key if run["variant"] == "nam+l1" else key.rsplit("/", 1)[0])
         assert 0 <= run["pruned_acc"] <= 1 and 0 <= run["finetuned_acc"] <= 1
         assert run["params"] < trained["params"]
         assert run["flops"] / trained["flops"] == pytest.approx(0.4, abs=0.02)
         assert run["latency_ms"] > 0 and run["unpruned_latency_ms"] > 0
-    # The penalty is the variant's: none for baseline, --nam.lambda_ (1e-2) for nam+l1.
-    assert {k: t["lambda_"] for k, t in study["trainings"].items()} == {
-        "baseline/seed0": 0.0,
-        "baseline/seed1": 0.0,
-        "nam+l1/seed0": 1e-2,
-        "nam+l1/seed1": 1e-2,
-    }
+    # The penalty is the variant's: none for baseline; nam+l1 (--nam.lambda_ auto, the
+    # default) records the automatic lambda's final value.
+    for key, trained in study["trainings"].items():
+        assert trained["auto"] == key.startswith("nam+l1"), key
+        assert (trained["lambda_"] > 0) == trained["auto"], key
     image = matplotlib.image.imread(study_dir / "pareto.png")
     assert image.ndim == 3 and image.shape[0] > 100
     assert (study_dir / "config.yaml").is_file()
 
 
-def test_baseline_checkpoint_has_no_nam_and_nam_l1_has(study_dir: Path) -> None:
-    for variant, has_nam in (("baseline", False), ("nam+l1", True)):
-        state = torch.load(study_dir / "trained" / f"{variant}-seed0.ckpt", weights_only=True)
-        assert any(".nam." in k for k in state["state_dict"]) == has_nam, variant
+def test_checkpoints_of_the_trainings(study_dir: Path) -> None:
+    """Each training's model is saved before the callback prunes it (NAM only in nam+l1's);
+    an aimed training also saves the model its callback pruned, which its run fine-tunes."""
+    study = read_study(study_dir)
+    for variant, name in (("baseline", "baseline-seed0"), ("nam+l1", "nam+l1-seed0-flops0.4")):
+        state = torch.load(study_dir / "trained" / f"{name}.ckpt", weights_only=True)
+        assert any(".nam." in k for k in state["state_dict"]) == (variant == "nam+l1"), variant
+    trained = load_checkpoint(ImageClassifier, study_dir / "trained" / "nam+l1-seed0-flops0.4.ckpt")
+    pruned = load_checkpoint(
+        ImageClassifier, study_dir / "trained" / "nam+l1-seed0-flops0.4-pruned.ckpt"
+    )
+    record = study["trainings"]["nam+l1/seed0/flops0.4"]
+    assert sum(p.numel() for p in trained.parameters()) == record["params"]
+    # unpruned: the backbone's FLOPs are those of the baseline's unpruned model
+    assert record["flops"] == study["trainings"]["baseline/seed0"]["flops"]
+    run = study["runs"]["nam+l1/seed0/flops0.4"]
+    assert sum(p.numel() for p in pruned.parameters()) == run["params"]
+    assert not (study_dir / "trained" / "baseline-seed0-pruned.ckpt").exists()
 
 
 def test_table_is_mean_and_std_over_seeds(study_dir: Path) -> None:
@@ -214,22 +302,29 @@ def test_table_is_mean_and_std_over_seeds(study_dir: Path) -> None:
     table = (study_dir / "study.md").read_text()
     for variant in ("baseline", "nam+l1"):
         runs = [study["runs"][f"{variant}/seed{s}/flops0.4"] for s in (0, 1)]
-        trained = [study["trainings"][f"{variant}/seed{s}"] for s in (0, 1)]
+        trained = [study["trainings"][r["training"]] for r in runs]
         cells = [
             mean_std([100 * t["test_acc"] for t in trained]),
             mean_std([100 * r["pruned_acc"] for r in runs]),
             mean_std([100 * r["finetuned_acc"] for r in runs]),
         ]
         accuracy = " | ".join(f"{m:.2f} +- {s:.2f}" for m, s in cells)
+        lam_mean, lam_std = mean_std([t["lambda_"] for t in trained])
+        lam = f"{lam_mean:.2g} +- {lam_std:.1g}" if variant == "nam+l1" else "0"
         params = f"{(runs[0]['params'] + runs[1]['params']) / 2:,.0f}"
         mflops = f"{sum(r['flops'] / r['images'] for r in runs) / 2e6:.2f}"
-        assert f"| 0.4 | {variant} | 2 | {accuracy} | {params} | {mflops} |" in table, table
+        row = f"| 0.4 | {variant} | 2 | {lam} | {accuracy} | {params} | {mflops} |"
+        assert row in table, table
 
 
 def test_started_again_on_a_finished_study_trains_nothing(study_dir: Path) -> None:
     before = read_study(study_dir)
     stamps = {p: p.stat().st_mtime_ns for p in (study_dir / "trained").iterdir()}
-    with mock.patch("nam_lightning.study._trainer", side_effect=AssertionError("a new fit")):
+    refuse = {"side_effect": AssertionError("a unit ran again")}
+    with (
+        mock.patch.object(UnitRunner, "train", **refuse),
+        mock.patch.object(UnitRunner, "prune_and_finetune", **refuse),
+    ):
         cli("study", *TINY_STUDY, f"--run_dir={study_dir}")
     after = read_study(study_dir)
     assert after["trainings"] == before["trainings"] and after["runs"] == before["runs"]
@@ -246,7 +341,7 @@ def test_other_settings_are_refused_and_change_nothing(study_dir: Path) -> None:
         f"--run_dir={study_dir}",
     )
     assert "holds a study with other settings" in message
-    assert "nam.lambda_: 0.01 -> 0.1" in message and "trainer.max_epochs: 1 -> 2" in message
+    assert "nam.lambda_: 'auto' -> 0.1" in message and "trainer.max_epochs: 1 -> 2" in message
     assert {p: p.read_bytes() for p in study_dir.rglob("*") if p.is_file()} == before
 
 
@@ -274,32 +369,41 @@ def test_bad_study_options(tmp_path: Path, option: str, match: str) -> None:
 
 
 def test_study_killed_halfway_completes_when_started_again(study_dir: Path, tmp_path: Path) -> None:
-    """A copy of the tiny study in a subprocess is SIGKILLed as soon as its first unit is saved;
-    started again, it runs only the rest and ends with the numbers of the unbroken study."""
+    """A copy of the tiny study in a subprocess is SIGKILLed as soon as its first aimed
+    training (nam+l1, seed 0) is saved, before its run; started again, it runs only the rest
+    (that run from the saved pruned model) and ends with the numbers of the unbroken study."""
     run_dir = tmp_path / "killed"
     process = start_study(run_dir)
     deadline = time.monotonic() + 240
     while process.poll() is None and time.monotonic() < deadline:
-        if (run_dir / "study.json").exists() and read_study(run_dir)["trainings"]:
+        if (run_dir / "study.json").exists() and TRAININGS[1] in read_study(run_dir)["trainings"]:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.05)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL, Path(f"{run_dir}.log").read_text()[-3000:]
     killed = read_study(run_dir)
+    assert TRAININGS[1] not in killed["runs"], "killed too late: the aimed run was done"
     done = [*killed["trainings"], *killed["runs"]]
-    assert done and len(done) < len(UNITS)
-    first = run_dir / "trained" / "baseline-seed0.ckpt"
-    stamp = first.stat().st_mtime_ns
+    assert len(done) < len(TRAININGS) + len(RUNS)
+    trained = sorted((run_dir / "trained").iterdir())
+    assert [p.name for p in trained] == [
+        "baseline-seed0.ckpt",
+        "nam+l1-seed0-flops0.4-pruned.ckpt",
+        "nam+l1-seed0-flops0.4.ckpt",
+    ]
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
 
     finish(start_study(run_dir), run_dir)
     resumed, unbroken = read_study(run_dir), read_study(study_dir)
-    assert first.stat().st_mtime_ns == stamp  # the finished training was not redone
+    # the finished trainings were not redone
+    assert {p: p.stat().st_mtime_ns for p in trained} == stamps
+    fields = ("test_acc", "lambda_", "pruned_acc", "finetuned_acc", "params", "flops")
     for part in ("trainings", "runs"):
         assert sorted(resumed[part]) == sorted(unbroken[part])
         for key, record in resumed[part].items():
             expected = unbroken[part][key]
-            for field in ("test_acc", "pruned_acc", "finetuned_acc", "params", "flops"):
+            for field in fields:
                 assert record.get(field) == expected.get(field), (key, field)
     for name in ("study.md", "pareto.png"):
         assert (run_dir / name).is_file()
