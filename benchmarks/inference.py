@@ -1,22 +1,47 @@
-"""Inference latency of NAM, unfolded and folded (``fold_nam``), on resnet50 on the CPU.
+"""Inference latency of NAM, unfolded and folded (``fold_nam``), on resnet50 on the CPU: eager,
+compiled, and exported to ONNX under onnxruntime.
 
-Four eval-mode variants of one torchvision resnet50 share their backbone weights: without
+Five eval-mode variants of one torchvision resnet50 share their backbone weights: without
 NAM; with NAM written straightforwardly (``StraightforwardNAM`` of ``train_step.py``: BatchNorm,
 weights, sigmoid, multiply, as PyTorch operators); with our NAM at its 16 blocks
 (``inject_nam``), which in eval mode under no gradient computes each site, its BatchNorm
-included, in one pass from the running statistics; and a copy of ours after ``fold_nam``, where
-each site has become one parameter-free module with those constants baked in. Every BatchNorm
-(NAM's included) gets random scale factors, shifts and running statistics, so the outputs are
-meaningful; ours, unfolded and folded, are checked against the straightforward one (max abs
-difference).
+included, in one pass from the running statistics; a copy of ours after ``fold_nam``, where
+each site has become one parameter-free module with those constants baked in; and that model
+pruned to half its FLOPs (``flops_target=0.5, round_to=8``, pruned before folding), the form a
+pruned model is deployed in. Every BatchNorm (NAM's included) gets random scale factors,
+shifts and running statistics, so the outputs are meaningful; ours, unfolded and folded, are
+checked against the straightforward one (max abs difference), the pruned forms against the
+pruned model unfolded.
 The variants take turns in every repetition, so a slow spell of the machine hits them alike;
 the order alternates between repetitions. The table shows the median latency, its ratio to
-the model without NAM, and the paired ratio (the median over repetitions of the ratio within
-each repetition). The target: the
-folded model within 3% of the model without NAM. ``--compile`` adds the model without NAM and
-the folded model under ``torch.compile(fullgraph=True)``, compared with each other. Last, the
-folded sites are timed alone on the inputs they get in the model, against the BatchNorms they
-replace in the model without NAM (``bn3`` of each block), in turns: what the sites add.
+the model without NAM in the same form, and the paired ratio (the median over repetitions of
+the ratio within each repetition). The target: the folded model within 3% of the model
+without NAM, in each form.
+
+``--compile`` adds the model without NAM, the folded and the pruned model under
+``torch.compile(fullgraph=True)``. ``--onnx`` exports the model without NAM, the folded and
+the pruned model with ``torch.onnx.export(..., dynamo=True)``, as the run directory's
+``model.onnx`` is written, and times them under onnxruntime (CPU, ``--threads`` intra-op
+threads, its default graph optimisations), each output checked against PyTorch's (1e-4). The
+folded model is exported in two forms:
+
+- ``NAM folded``: ``fold_nam``'s model as it is. Each site's formula becomes eight ONNX
+  operators (Mul, Add, Pow for the exp2, Div) that onnxruntime runs as one pass each, with
+  layout reorders around them: its convolutions run in a blocked layout (NCHWc), Pow and Div
+  do not.
+- ``NAM for ONNX``: each site as :class:`OnnxNAM` writes it, ``x = bn(z)`` and
+  ``x * sigmoid(a * x + b)`` with NAM's per-channel ``a, b`` as a depthwise 1x1 convolution.
+  onnxruntime folds the BatchNorm into the convolution before it and the Sigmoid into the
+  depthwise one: a site costs that convolution and one Mul, all in the blocked layout. The
+  residual Add and ReLU after it, which in the model without NAM fuse into the block's last
+  convolution, cost a pass each in the 12 blocks without a downsampling convolution (in the
+  other 4 they fuse into that one). onnxruntime's CPU kernels fuse no chain of elementwise
+  operators, and no ONNX operator computes ``x * sigmoid(a * x + b)`` per channel, so these
+  passes stay.
+
+Last, the folded sites are timed alone on the inputs they get in the model, against the
+BatchNorms they replace in the model without NAM (``bn3`` of each block), in turns: what the
+sites add.
 
 Eager CPU latency depends on the memory allocator as much as on the arithmetic: glibc hands
 large freed blocks back to the operating system, and the fresh pages of the next allocation
@@ -28,7 +53,7 @@ leaves the allocator as configured.
 Run from the repository root::
 
     python benchmarks/inference.py [--batch 8] [--size 224] [--repeats 7] [--threads 2]
-        [--compile] [--default-malloc]
+        [--compile] [--onnx] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -36,7 +61,10 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
@@ -45,8 +73,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
 
-from nam_lightning import NAMSite, inject_nam
+from nam_lightning import NAMSite, inject_nam, prune_channels
 from nam_lightning.fold import FoldedNAM, fold_nam
+from nam_lightning.functional import bn_affine, normalised_abs
 
 TARGET = 1.03  # folded latency / latency without NAM
 
@@ -81,6 +110,95 @@ def randomise_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
             m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=generator))
 
 
+class OnnxNAM(nn.Module):
+    """An eval-mode NAM site written for onnxruntime: ``x = bn(z)``, then NAM's channel gate
+    ``x * sigmoid(a * x + b)`` with ``a = w * A``, ``b = w * B`` per channel (``w`` NAM's
+    weights, ``A * x + B`` its BatchNorm in eval mode), the logit ``a * x + b`` as a depthwise
+    1x1 convolution.
+
+    Exported, the BatchNorm becomes a BatchNormalization that onnxruntime folds into the
+    convolution before it, and the Sigmoid one that it fuses into the depthwise convolution,
+    which its blocked-layout kernels run: one pass for the gate, one for the Mul. The same
+    maths as ``fold_nam``'s site (the gate is taken from the BatchNorm's output ``x`` instead of
+    its input ``z``), so outputs agree to float rounding.
+    """
+
+    def __init__(self, site: NAMSite) -> None:
+        super().__init__()
+        if not isinstance(site.module, nn.BatchNorm2d) or site.nam.spatial is not None:
+            raise ValueError("OnnxNAM takes a site on a BatchNorm2d, channel attention only")
+        self.bn = copy.deepcopy(site.module)
+        channel = site.nam.channel
+        bn = channel.bn
+        assert bn.running_mean is not None and bn.running_var is not None
+        with torch.no_grad():  # in float64, rounded once, as fold_nam works out its constants
+            scale, shift = bn_affine(
+                bn.running_mean.double(),
+                bn.running_var.double(),
+                bn.eps,
+                bn.weight.double(),
+                bn.bias.double(),
+            )
+            w = normalised_abs(bn.weight.double(), channel.pruned_mass.double())
+            c = w.numel()
+            self.gate = nn.Conv2d(c, c, kernel_size=1, groups=c)
+            self.gate.weight.copy_((w * scale).view(c, 1, 1, 1))
+            assert self.gate.bias is not None
+            self.gate.bias.copy_(w * shift)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (N, C, H, W)
+        x = self.bn(z)
+        return x * torch.sigmoid(self.gate(x))
+
+
+def onnx_form(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (NAM injected, eval mode) with every site as an :class:`OnnxNAM`."""
+    result = copy.deepcopy(model)
+    for name, site in [(n, m) for n, m in result.named_modules() if isinstance(m, NAMSite)]:
+        parent, _, attr = name.rpartition(".")
+        setattr(result.get_submodule(parent), attr, OnnxNAM(site).eval())
+    return result
+
+
+def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """``model`` exported as nam_lightning.pipeline.export_model writes ``model.onnx``."""
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamo=True,
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+    return path
+
+
+class OnnxRuntimeModel:
+    """An exported model under onnxruntime on the CPU, called as a PyTorch model is."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (logits,) = self.session.run(None, {"images": x.numpy()})
+        return torch.from_numpy(logits)
+
+
+def onnxruntime_version() -> str:
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
@@ -90,7 +208,14 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time torch.compile'd no-NAM and folded models (up to ~40 s of compiling)",
+        help="also time the models without NAM, folded and pruned under torch.compile "
+        "(up to ~40 s of compiling each)",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export the models without NAM, folded and pruned to ONNX and time them "
+        "under onnxruntime (up to ~60 s of exporting each)",
     )
     args = parse_args(parser, positive=("batch", "size", "repeats", "threads"), malloc_option=True)
     torch.manual_seed(0)
@@ -115,27 +240,50 @@ def main() -> None:
     folded_count = fold_nam(folded)
     fold_ms = (time.perf_counter() - fold_start) * 1e3
     x = torch.randn(args.batch, 3, args.size, args.size)  # (B, C, H, W)
+    pruned = copy.deepcopy(nam)  # pruned with NAM in place, then folded: as deployed
+    prune_start = time.perf_counter()
+    # traced on one image: the FLOPs ratio that the target refers to is the same at any batch
+    pruning = prune_channels(pruned, x[:1], flops_target=0.5, round_to=8, measure=False)
+    prune_s = time.perf_counter() - prune_start
+    pruned_folded = copy.deepcopy(pruned)
+    fold_nam(pruned_folded)
 
-    models = {
+    models: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "no NAM": plain,
         "NAM, straightforward": straightforward,
         "NAM": nam,
         "NAM folded": folded,
+        "NAM folded, pruned": pruned_folded,
     }
     if args.compile:
-        models["no NAM, compiled"] = torch.compile(plain, fullgraph=True)
-        models["NAM folded, compiled"] = torch.compile(folded, fullgraph=True)
-    seconds: dict[str, list[float]] = {key: [] for key in models}
-    faults: dict[str, list[int]] = {key: [] for key in models}
-    with torch.inference_mode():
-        outputs = {key: m(x) for key, m in models.items()}  # also the warm-up (compiling) pass
-        for rep in range(args.repeats):
-            # the order alternates, so no variant always runs right after the same one
-            order = list(models) if rep % 2 == 0 else list(reversed(models))
-            for key in order:
-                elapsed, fault_count = timed_forward(models[key], x)
-                seconds[key].append(elapsed)
-                faults[key].append(fault_count)
+        for key in ("no NAM", "NAM folded", "NAM folded, pruned"):
+            models[f"{key}, compiled"] = torch.compile(models[key], fullgraph=True)
+    export_s: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.onnx:
+            exported = {
+                "no NAM": plain,
+                "NAM folded": folded,
+                "NAM for ONNX": onnx_form(nam),
+                "NAM for ONNX, pruned": onnx_form(pruned),
+            }
+            for i, (key, model) in enumerate(exported.items()):
+                start = time.perf_counter()
+                path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
+                export_s[key] = time.perf_counter() - start
+                models[f"{key}, onnxruntime"] = OnnxRuntimeModel(path, args.threads)
+        seconds: dict[str, list[float]] = {key: [] for key in models}
+        faults: dict[str, list[int]] = {key: [] for key in models}
+        with torch.inference_mode():
+            outputs = {key: m(x) for key, m in models.items()}  # also the warm-up (compiling)
+            pruned_reference = pruned(x)
+            for rep in range(args.repeats):
+                # the order alternates, so no variant always runs right after the same one
+                order = list(models) if rep % 2 == 0 else list(reversed(models))
+                for key in order:
+                    elapsed, fault_count = timed_forward(models[key], x)
+                    seconds[key].append(elapsed)
+                    faults[key].append(fault_count)
 
     print(
         f"resnet50, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
@@ -143,43 +291,60 @@ def main() -> None:
         f"allocator: {args.malloc}"
     )
     print(f"NAM sites: {len(sites)}; folded: {folded_count} (fold_nam took {fold_ms:.1f} ms)")
+    print(
+        f"pruned (flops_target=0.5, round_to=8) in {prune_s:.1f} s: FLOPs "
+        f"{pruning.flops_ratio:.3f}, parameters {pruning.params_ratio:.3f} of the model's"
+    )
+    if export_s:
+        print(
+            "exported to ONNX (torch.onnx.export, dynamo=True; onnxruntime "
+            f"{onnxruntime_version()}) in "
+            + ", ".join(f"{seconds_:.0f} s ({key})" for key, seconds_ in export_s.items())
+        )
     reference = outputs["NAM, straightforward"]
     scale = reference.abs().max().item()
     effect = (reference - outputs["no NAM"]).abs().max().item()
     print(f"outputs up to {scale:.3g}; max |NAM - no NAM| = {effect:.3g}")
     for key in models:
-        if key == "NAM" or key.startswith("NAM folded"):
-            diff = (outputs[key] - reference).abs().max().item()
-            print(f"max |{key} - NAM, straightforward| = {diff:.3g}")
+        if key == "NAM" or key.startswith(("NAM folded", "NAM for ONNX")):
+            want, name = (reference, "NAM, straightforward")
+            if "pruned" in key:
+                want, name = pruned_reference, "NAM pruned"
+            diff = (outputs[key] - want).abs().max().item()
+            print(f"max |{key} - {name}| = {diff:.3g}")
+            if key.endswith("onnxruntime"):  # what export_model checks of model.onnx
+                torch.testing.assert_close(outputs[key], want, rtol=1e-4, atol=1e-4, msg=key)
     print()
     median = {key: statistics.median(times) for key, times in seconds.items()}
-    # a compiled model is compared with the compiled model without NAM
-    base_of = {key: "no NAM, compiled" if key.endswith("compiled") else "no NAM" for key in models}
+    base_of = {key: base_key(key) for key in models}  # the model without NAM in the same form
     paired = {  # the median over repetitions of the ratio within each repetition
         key: statistics.median(t / b for t, b in zip(times, seconds[base_of[key]], strict=True))
         for key, times in seconds.items()
     }
+    width = max(map(len, models))
     print(
-        f"{'variant':<22} {'median ms':>10} {'min ms':>9} {'vs no NAM':>10} {'paired':>8} "
+        f"{'variant':<{width}} {'median ms':>10} {'min ms':>9} {'vs no NAM':>10} {'paired':>8} "
         f"{'page faults':>12}"
     )
     for key, times in seconds.items():
         print(
-            f"{key:<22} {median[key] * 1e3:>10.1f} {min(times) * 1e3:>9.1f} "
+            f"{key:<{width}} {median[key] * 1e3:>10.1f} {min(times) * 1e3:>9.1f} "
             f"{median[key] / median[base_of[key]]:>9.3f}x {paired[key]:>7.3f}x "
             f"{statistics.median(faults[key]):>12.0f}"
         )
     print()
-    for folded_key, base_key in [
-        ("NAM folded", "no NAM"),
-        ("NAM folded, compiled", "no NAM, compiled"),
-    ]:
-        if folded_key in median:
-            ratio = median[folded_key] / median[base_key]
-            verdict = "met" if max(ratio, paired[folded_key]) <= TARGET else "NOT met"
+    for key in (
+        "NAM folded",
+        "NAM folded, compiled",
+        "NAM folded, onnxruntime",
+        "NAM for ONNX, onnxruntime",
+    ):
+        if key in median:
+            ratio = median[key] / median[base_of[key]]
+            verdict = "met" if max(ratio, paired[key]) <= TARGET else "NOT met"
             print(
-                f"target, {folded_key} within {TARGET - 1:.0%} of {base_key}: "
-                f"{verdict} ({ratio:.3f}x, paired {paired[folded_key]:.3f}x)"
+                f"target, {key} within {TARGET - 1:.0%} of {base_of[key]}: "
+                f"{verdict} ({ratio:.3f}x, paired {paired[key]:.3f}x)"
             )
     with torch.inference_mode():
         sites_s, bns_s = site_times(plain, folded, x, args.repeats)
@@ -189,6 +354,14 @@ def main() -> None:
         f"{bns_s * 1e3:.1f} ms; a forward pass of the folded model: "
         f"{median['NAM folded'] * 1e3:.0f} ms"
     )
+
+
+def base_key(key: str) -> str:
+    """The model without NAM that ``key`` is compared with: the one in the same form."""
+    for form in ("compiled", "onnxruntime"):
+        if key.endswith(f", {form}"):
+            return f"no NAM, {form}"
+    return "no NAM"
 
 
 if __name__ == "__main__":

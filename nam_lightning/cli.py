@@ -53,8 +53,11 @@ def default_run_dir() -> str:
 
 
 def _is_launched_worker() -> bool:
-    """A process started by a DDP launcher for a rank other than 0 (it re-runs the command)."""
-    return any(int(os.environ.get(k, "0")) > 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """A process of a rank other than 0: one started by Lightning's DDP launcher or torchrun
+    (``RANK``, ``LOCAL_RANK``, ``NODE_RANK``) or a SLURM task other than the first
+    (``SLURM_PROCID``). Only rank 0 checks and claims the run directory."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return any(int(os.environ.get(k, "0")) > 0 for k in ranks)
 
 
 class NAMLightningCLI(LightningCLI):

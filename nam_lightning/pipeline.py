@@ -8,6 +8,7 @@ checkpoints, an exported model and PNG plots.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -143,6 +144,7 @@ def run_pipeline(
     measured = [measure_stage("trained", trainer, trained, datamodule, batch)]
     gammas_trained = _backbone_gammas(trained)
     measured.append(measure_stage("pruned", trainer, model, datamodule, batch))
+    digests = rank_digests(trainer, model)
     if trainer.is_global_zero:
         shutil.copyfile(nam.pruned_path, run_dir / "pruned.ckpt")
 
@@ -164,6 +166,7 @@ def run_pipeline(
         "speedup": stages[0].latency_ms / stages[-1].latency_ms,
         "pruning": report.to_dict(),
         "lambda": nam.lambda_,
+        "pruned_sha256_per_rank": digests,
         "batch_shape": list(batch.shape),
     }
     if trainer.is_global_zero:
@@ -185,6 +188,35 @@ class SaveTrained(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.save_checkpoint(self.path, weights_only=True)
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of ``model``'s parameters: each one's name, dtype, shape and bytes, in name order.
+
+    Buffers are left out: without SyncBatchNorm (CPU DDP) every rank keeps its own BatchNorm
+    running statistics, while the parameters, and so the architecture, are the same everywhere.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        values = param.detach().cpu().contiguous().flatten()
+        digest.update(f"{name} {values.dtype} {tuple(param.shape)}\n".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def rank_digests(trainer: pl.Trainer, model: nn.Module) -> list[str]:
+    """:func:`parameter_digest` of ``model`` on every rank, in rank order (one entry without
+    DDP). Raises on every rank when they differ: the ranks no longer hold one model, and
+    nothing is saved."""
+    mine = torch.frombuffer(bytearray.fromhex(parameter_digest(model)), dtype=torch.uint8)
+    gathered = trainer.strategy.all_gather(mine.to(trainer.strategy.root_device))
+    digests = [bytes(row.tolist()).hex() for row in gathered.cpu().view(-1, mine.numel())]
+    if len(set(digests)) > 1:
+        raise RuntimeError(
+            f"The {len(digests)} ranks hold different pruned models (parameter SHA-256 per "
+            f"rank: {digests}): they pruned different channels; nothing was saved."
+        )
+    return digests
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
