@@ -20,11 +20,12 @@ Liu et al., "Learning Efficient Convolutional Networks through Network Slimming"
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal, get_args
 
 import torch
@@ -39,12 +40,22 @@ from .checks import (
     check_module,
     check_optional_positive_int,
 )
+from .compensate import input_means
 from .prunable import check_channel_tensors
 from .record import PruningPass, add_pruning_pass
-from .report import PruneReport, count_flops, count_params, layer_channels, measure_latency
+from .report import (
+    ForwardCount,
+    PruneReport,
+    count_flops,
+    count_forward,
+    count_params,
+    layer_channels,
+    measure_latency,
+)
+from .selection import predict_flops
 from .sparsity import non_finite
-from .surgery import prune_pass, replay
-from .utils import as_args, eval_mode
+from .surgery import PassResult, Plan, planned_pass, replay
+from .utils import as_args
 
 Importance = Literal["bn", "nam"]
 Scope = Literal["global", "local"]
@@ -111,11 +122,14 @@ def prune_channels(
     Args:
         model: a network with BatchNorm layers (NAM injected or not).
         example_inputs: a batch for ``model(...)`` (tensor or tuple), on the model's device;
-            used to trace the network, count FLOPs and time it.
+            used to trace the network, count FLOPs and time it. The network is traced and its
+            FLOPs counted on the first sample, the FLOPs then scaled by the batch size (the
+            same count for networks that treat samples independently); on the whole batch where
+            the tensors do not share a leading size or the output is not one row per sample.
         amount: fraction of the prunable channels to remove, in (0, 1).
         flops_target: instead of ``amount``: the fraction of FLOPs to keep, in (0, 1); the
-            amount is solved so that the result lands within 2% of it where channel granularity
-            allows.
+            amount is solved on the FLOPs predicted for each amount, so that the result lands
+            within 2% of it where channel granularity allows, and the model is cut once.
         importance: ``"bn"`` or ``"nam"`` (see the module docstring).
         scope: ``"global"``: one threshold over all layers; ``"local"``: ``amount`` per layer.
         max_layer_amount: no layer loses more than this fraction of its channels.
@@ -169,26 +183,39 @@ def prune_channels(
         raise ValueError("`importance='nam'` needs NAM modules in the model (see inject_nam)")
 
     start = time.perf_counter()
+    # FLOPs and the dependency graph are the same for every sample of the batch, so they are
+    # counted and traced on the first sample alone, and the FLOPs scaled by the batch size.
+    sample, batch = _first_sample(example_inputs)
     try:
-        flops_before = count_flops(model, example_inputs)  # runs the model in eval mode
+        before = count_forward(model, sample)  # runs the model in eval mode
+        if batch > 1 and before.output_batch != 1:  # the output is not one row per sample
+            sample, batch = example_inputs, 1
+            before = count_forward(model, sample)
     except Exception as err:
         raise ValueError(
             f"{type(model).__name__} cannot run on `example_inputs` "
             f"({type(err).__name__}: {err}); give a batch the model takes. Nothing was changed."
         ) from err
+    if before.last_layer is None:
+        raise ValueError(f"{type(model).__name__} ran no layer with parameters")
     check_channel_tensors(model, example_inputs)  # layers the surgery could not follow
+    ignored.append(before.last_layer)  # the output layer is always kept whole
     params_before = count_params(model)
     channels_before = layer_channels(model)
-    latency_before = measure_latency(model, example_inputs) if measure else None
-    ignored.append(_output_layer(model, example_inputs))
+    latency_before = latency_after = None
+    timed = 0.0  # seconds spent timing the model
+    if measure:
+        started = time.perf_counter()
+        latency_before = measure_latency(model, example_inputs)
+        timed = time.perf_counter() - started
 
     snapshot = _Snapshot(model)
     try:
-        if config.flops_target is not None:
-            amount = _solve_amount(model, example_inputs, config, flops_before, snapshot, ignored)
-        assert amount is not None
-        done = prune_pass(model, example_inputs, amount, config, ignored)
-        flops_after = count_flops(model, example_inputs)
+        # what each layer reads, over the whole batch, before anything is cut
+        means = input_means(model, example_inputs) if config.compensate else None
+        done, amount, flops_after = _cut(model, sample, config, ignored, before, snapshot, means)
+        traced = tuple(tuple(a.shape) for a in as_args(sample) if isinstance(a, torch.Tensor))
+        add_pruning_pass(model, PruningPass(history=done.history, input_shapes=traced))
     except Exception as err:
         snapshot.restore()
         raise ValueError(f"Channel pruning failed, the model is unchanged: {err}") from err
@@ -207,14 +234,17 @@ def prune_channels(
             f"{', '.join(done.uncompensated[:5])}: neither a following BatchNorm nor a bias "
             "to take it (fine-tuning recovers it)."
         )
+    surgery = time.perf_counter() - start - timed
+    if measure:
+        started = time.perf_counter()
+        latency_after = measure_latency(model, example_inputs)
+        timed += time.perf_counter() - started
     args = as_args(example_inputs)
-    shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-    add_pruning_pass(model, PruningPass(history=done.history, input_shapes=shapes))
     return PruneReport(
         params_before=params_before,
         params_after=count_params(model),
-        flops_before=flops_before,
-        flops_after=flops_after,
+        flops_before=before.flops * batch,
+        flops_after=flops_after * batch,
         channels_before=channels_before,
         channels_after=layer_channels(model),
         threshold=done.threshold,
@@ -224,9 +254,11 @@ def prune_channels(
         amount=amount,
         flops_target=flops_target,
         latency_before=latency_before,
-        latency_after=measure_latency(model, example_inputs) if measure else None,
+        latency_after=latency_after,
         device=str(next(a for a in args if isinstance(a, torch.Tensor)).device),
         seconds=time.perf_counter() - start,
+        surgery_seconds=surgery,
+        measure_seconds=timed,
         notes=notes,
     )
 
@@ -245,9 +277,9 @@ def removal_plan(
     them: for each BatchNorm that ranks channels (the backbone's, or NAM's with
     ``importance="nam"``) and would lose some, its weight's name and the indices lost.
 
-    A dry run of the real pruning: every BatchNorm's bias is replaced by its channel indices
-    (the bias takes no part in the ranking, and the surgery cuts it like the weight), the
-    model is pruned, the surviving indices are read back, and the model is restored exactly.
+    A dry run of the real pruning: every ranking BatchNorm's bias is replaced by its channel
+    indices (the bias takes no part in the ranking, and the surgery cuts it like the weight),
+    the model is cut, the surviving indices are read back, and the model is restored exactly.
     Returns the plan and the amount pruned: ``config``'s own, the one solved for its
     ``flops_target``, or ``amount`` when given (which skips solving a FLOPs target again).
     """
@@ -263,13 +295,13 @@ def removal_plan(
                 index = torch.arange(bias.shape[0], dtype=torch.float64, device=bias.device)
                 module.bias = nn.Parameter(index.to(bias.dtype), requires_grad=False)
                 marked[name] = (module, bias.shape[0])
-        ignored = [_output_layer(model, example_inputs)]
-        amount = amount if amount is not None else config.amount
-        if amount is None and config.flops_target is not None:
-            flops = count_flops(model, example_inputs)
-            amount = _solve_amount(model, example_inputs, config, flops, _Snapshot(model), ignored)
-        assert amount is not None
-        prune_pass(model, example_inputs, amount, config, ignored)
+        sample, _ = _first_sample(example_inputs)
+        before = count_forward(model, sample)
+        assert before.last_layer is not None
+        dry = replace(config, compensate=False)
+        if amount is not None:
+            dry = replace(dry, amount=amount, flops_target=None)
+        _, amount, _ = _cut(model, sample, dry, [before.last_layer], before, _Snapshot(model))
         plan = {}
         for name, (bn, count) in marked.items():
             assert bn.bias is not None
@@ -282,26 +314,69 @@ def removal_plan(
         snapshot.restore()
 
 
-def _solve_amount(
+def _cut(
     model: nn.Module,
-    example_inputs: Any,
+    sample: Any,
     config: PruneConfig,
-    flops_before: int,
-    snapshot: _Snapshot,
     ignored: list[nn.Module],
+    before: ForwardCount,
+    snapshot: _Snapshot,
+    means: dict[nn.Module, torch.Tensor] | None = None,
+) -> tuple[PassResult, float, int]:
+    """One pass at ``config.amount``, or at the amount whose predicted FLOPs come closest to
+    ``config.flops_target``; returns the pass, the amount and the FLOPs after it.
+
+    The FLOPs after a cut are predicted from those counted inside each convolution and linear
+    layer (:func:`~nam_lightning.selection.predict_flops`). Where every FLOP is counted inside
+    one, the prediction is exact and the FLOPs are not counted again. Otherwise they are; for
+    a FLOPs target, a count off the target corrects the prediction, and the model is restored
+    and cut again (at most three times).
+    """
+    layers: dict[nn.Module, int] = {
+        m: flops
+        for m, flops in before.layer_flops.items()
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    }
+    exact = sum(layers.values()) == before.flops
+    target = config.flops_target
+    miss = 0  # what the prediction left out, as the last count found
+    for _ in range(3):
+        with planned_pass(model, sample, config, ignored) as plan:
+            predict = functools.partial(_predict, plan, layers, before.flops + miss)
+            amount = config.amount if target is None else _solve_amount(predict, config, before)
+            assert amount is not None
+            predicted = predict(amount)
+            # each try gets its own copy: the cut consumes the means it compensates with
+            done = plan.cut(plan.select(amount), None if means is None else dict(means))
+        flops = predicted if exact else count_flops(model, sample)
+        if target is None or flops == predicted or abs(flops / before.flops - target) <= 0.02:
+            return done, amount, flops
+        snapshot.restore()
+        miss += flops - predicted
+    raise ValueError(
+        f"`flops_target={target}` cannot be reached within 2%: the cuts chosen for it kept "
+        f"{flops / before.flops:.3f} of the FLOPs"
+    )
+
+
+def _predict(plan: Plan, layer_flops: dict[nn.Module, int], total: int, amount: float) -> int:
+    """The FLOPs after cutting ``amount``, as ``plan`` predicts them from ``total`` before."""
+    return predict_flops(plan.groups, plan.select(amount), layer_flops, total)
+
+
+def _solve_amount(
+    predict: Callable[[float], int], config: PruneConfig, before: ForwardCount
 ) -> float:
-    """Bisect the amount whose pruned model keeps ``config.flops_target`` of the FLOPs."""
+    """Bisect the amount whose predicted FLOPs are ``config.flops_target`` of those before."""
     target = config.flops_target
     assert target is not None
     low, high = 0.0, config.max_layer_amount  # it bounds every layer, so the amount too
     best = (math.inf, high)
-    for _ in range(14):
+    for _ in range(20):
         amount = (low + high) / 2
-        prune_pass(model, example_inputs, amount, config, ignored)
-        ratio = count_flops(model, example_inputs) / flops_before
-        snapshot.restore()
+        ratio = predict(amount) / before.flops
         best = min(best, (abs(ratio - target), amount))
-        if abs(ratio - target) <= 0.005:
+        if abs(ratio - target) <= 0.001:
             break
         if ratio > target:
             low = amount
@@ -316,23 +391,17 @@ def _solve_amount(
     return best[1]
 
 
-def _output_layer(model: nn.Module, example_inputs: Any) -> nn.Module:
-    """The last parametrised leaf module that runs in the forward pass (the classifier)."""
-    order: list[nn.Module] = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: order.append(m))
-        for m in model.modules()
-        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
-    ]
-    try:
-        with eval_mode(model):
-            model(*as_args(example_inputs))
-    finally:
-        for h in hooks:
-            h.remove()
-    if not order:
-        raise ValueError(f"{type(model).__name__} ran no layer with parameters")
-    return order[-1]
+def _first_sample(example_inputs: Any) -> tuple[Any, int]:
+    """``example_inputs`` cut to the first sample, and the batch size; unchanged (and 1) where
+    its tensors do not share one leading size."""
+    args = as_args(example_inputs)
+    sizes = {a.shape[0] if a.dim() else None for a in args if isinstance(a, torch.Tensor)}
+    if len(sizes) != 1 or None in sizes:
+        return example_inputs, 1
+    batch = sizes.pop()
+    assert batch is not None
+    first = tuple(a[:1] if isinstance(a, torch.Tensor) else a for a in args)
+    return (first if isinstance(example_inputs, tuple) else first[0]), batch
 
 
 class _Snapshot:

@@ -25,9 +25,64 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     The counter covers convolutions and matrix products (a multiply-add is 2 FLOPs);
     elementwise work such as BatchNorm, activations and NAM's gating is not counted.
     """
-    with eval_mode(model), FlopCounterMode(display=False) as counter:
-        model(*as_args(example_inputs))
-    return int(counter.get_total_flops())
+    return count_forward(model, example_inputs).flops
+
+
+@dataclass
+class ForwardCount:
+    """One eval-mode forward pass as :func:`count_flops` counts it, layer by layer."""
+
+    flops: int
+    layer_flops: dict[nn.Module, int]  # the FLOPs counted inside each leaf with parameters
+    last_layer: nn.Module | None  # the last leaf with parameters to run (the classifier)
+    output_batch: int | None  # the leading size of the output (its first tensor)
+
+
+def count_forward(model: nn.Module, example_inputs: Any) -> ForwardCount:
+    """:func:`count_flops`, with the FLOPs of each leaf module that has parameters and the
+    order in which they ran."""
+    leaves = [
+        m
+        for m in model.modules()
+        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+    ]
+    layer_flops: dict[nn.Module, int] = {}
+    ran: list[nn.Module] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(eval_mode(model))
+        counter = stack.enter_context(FlopCounterMode(display=False))
+        started: dict[nn.Module, int] = {}
+
+        def before(module: nn.Module, args: Any) -> None:
+            started[module] = counter.get_total_flops()
+
+        def after(module: nn.Module, args: Any, output: Any) -> None:
+            flops = counter.get_total_flops() - started.pop(module)
+            layer_flops[module] = layer_flops.get(module, 0) + flops
+            ran.append(module)
+
+        for leaf in leaves:
+            stack.enter_context(leaf.register_forward_pre_hook(before))
+            stack.enter_context(leaf.register_forward_hook(after))
+        output = model(*as_args(example_inputs))
+    first = next(iter(_tensors(output)), None)
+    return ForwardCount(
+        flops=int(counter.get_total_flops()),
+        layer_flops=layer_flops,
+        last_layer=ran[-1] if ran else None,
+        output_batch=int(first.shape[0]) if first is not None and first.dim() else None,
+    )
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or a tuple, list or dict holding them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _tensors(item)]
+    return []
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 5) -> float:
@@ -75,6 +130,8 @@ class PruneReport:
     ``threshold`` is the largest importance among the removed channels (with
     ``importance="bn"``, a raw ``|gamma|``); ``latency_*`` are median seconds of an eval-mode
     forward pass on the example batch, measured side by side, or ``None`` when not measured.
+    ``seconds`` is the whole call: ``surgery_seconds`` counting FLOPs, tracing, choosing and
+    cutting channels, ``measure_seconds`` timing the model (``latency_*``).
     """
 
     params_before: int
@@ -93,6 +150,8 @@ class PruneReport:
     latency_after: float | None = None
     device: str = "cpu"
     seconds: float = 0.0
+    surgery_seconds: float = 0.0
+    measure_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -145,7 +204,8 @@ class PruneReport:
         threshold = "-" if self.threshold is None else f"{self.threshold:.3g}"
         lines.append(
             f"removed {self.removed_channels} channels ({self.importance} importance, "
-            f"{self.scope} threshold {threshold}) in {self.seconds:.2f} s"
+            f"{self.scope} threshold {threshold}) in {self.seconds:.2f} s (surgery "
+            f"{self.surgery_seconds:.2f} s, timing {self.measure_seconds:.2f} s)"
         )
         changed = [
             (n, self.channels_before[n], c)

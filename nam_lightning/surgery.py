@@ -1,10 +1,12 @@
 """The adapter to Torch-Pruning 1.6.1, the only module that imports ``torch_pruning``.
 
 Torch-Pruning traces a model's dependency graph (which layers are coupled: residual additions,
-concatenations, depthwise and grouped convolutions) and removes channels physically. This
-module runs one pruning pass with it (:func:`prune_pass`), ranking channels by BatchNorm scale
-factors (:class:`ScaleImportance`), and replays a recorded pass on a freshly built model
-(:func:`replay`). What to remove, and how much, is decided by :mod:`nam_lightning.pruning`.
+concatenations, depthwise and grouped convolutions) and removes channels physically. Here a
+model is traced once (:func:`planned_pass`), its coupled channel groups are read into plain
+data (:class:`Plan`, ranked by BatchNorm scale factors: :class:`ScaleImportance`), from which
+:mod:`nam_lightning.selection` chooses the channels, and :meth:`Plan.cut` removes them. A
+recorded pass is replayed on a freshly built model by :func:`replay`. What to remove, and how
+much, is decided by :mod:`nam_lightning.pruning`.
 
 Gaps of Torch-Pruning 1.6.1 mended here, each where it is mended:
 
@@ -30,10 +32,15 @@ Gaps of Torch-Pruning 1.6.1 mended here, each where it is mended:
    inconsistently are left whole (:func:`_cuttable`).
 6. Per-layer limits: the global threshold can empty a layer, ``check_pruning_group`` then
    drops the whole group, and ``max_pruning_ratio`` is not held for every layer of a group.
-   Each group is trimmed first (:func:`_cap`), then checked (the replaced
-   ``check_pruning_group`` in :func:`prune_pass`).
-7. No public API gives the channel groups of a grouped conv: ``BasePruner._get_channel_groups``
-   is used (:func:`_cap`, :func:`prune_pass`).
+   Each group is trimmed first (:func:`nam_lightning.selection.select`), then checked
+   (:meth:`Plan.cut`).
+7. The pruning step (``BasePruner.step``) chooses and cuts in one go, so a FLOPs target could
+   only be met by cutting again and again. :class:`Plan` reads the groups once and
+   :mod:`nam_lightning.selection` follows the step's rule to choose, for any amount, without
+   cutting; the step itself is not used.
+8. No public API gives a group's channel groups or the pruner's check of a group against its
+   ratio limits: ``BasePruner._get_channel_groups`` and ``_check_pruning_ratio`` are used
+   (:class:`Plan`).
 
 Not a gap of Torch-Pruning, but of tracing NAM: the spatial attention's BatchNorm sees the
 channels folded into the batch by a reshape; it is taken out while tracing
@@ -43,7 +50,6 @@ channels folded into the batch by a reshape; it is taken out while tracing
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -55,8 +61,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch_pruning.dependency import index_mapping
 
 from .attention import NAM, NAMChannelAttention
-from .compensate import fold_contribution, input_means, removed_contribution
+from .compensate import fold_contribution, removed_contribution
 from .record import HistoryStep
+from .selection import GroupData, LayerData, keep_min, select
 from .utils import as_args, eval_mode
 
 # The cuts of a layer's inputs whose removed channels reach its other outputs (a depthwise
@@ -91,35 +98,24 @@ class PassResult(NamedTuple):
     uncompensated: tuple[str, ...] = ()  # consumers that could not take a removed constant
 
 
-def prune_pass(
+@contextlib.contextmanager
+def planned_pass(
     model: nn.Module,
     example_inputs: Any,
-    amount: float,
     settings: PassSettings,
     ignored: Sequence[nn.Module],
-) -> PassResult:
-    """Remove ``amount`` of the prunable channels of ``model`` in place, never those of the
-    ``ignored`` layers (see :func:`nam_lightning.prune_channels` for the settings). On an error
-    the model may be half cut: the caller restores it."""
-    max_layer_amount, round_to = settings.max_layer_amount, settings.round_to
-    # measured on the whole model (spatial attention included), before anything is cut
-    means = input_means(model, example_inputs) if settings.compensate else None
+) -> Iterator[Plan]:
+    """Trace ``model`` on ``example_inputs`` and read its coupled channel groups, never those
+    of the ``ignored`` layers, into a :class:`Plan`, valid while the context is open (gaps 1 and
+    2 stay mended while the graph is used)."""
     with _without_spatial_attention(model), _traceable() as barriers:
         scorer = ScaleImportance(model, use_nam=settings.importance == "nam")
-        nam_of_bn = {id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)}
 
         def build(ignored: list[nn.Module]) -> Any:
             # tracing needs autograd; eval mode keeps the BatchNorm statistics still
             with eval_mode(model, grad=True):
                 return tp.pruner.BasePruner(
-                    model,
-                    as_args(example_inputs),
-                    importance=scorer.ranked,
-                    global_pruning=settings.scope == "global",
-                    pruning_ratio=amount,
-                    max_pruning_ratio=max_layer_amount,
-                    round_to=round_to,
-                    ignored_layers=ignored,
+                    model, as_args(example_inputs), importance=scorer.ranked, ignored_layers=ignored
                 )
 
         try:
@@ -131,40 +127,114 @@ def prune_pass(
                 "Torch-Pruning could not trace the channel dependencies of "
                 f"{type(model).__name__} ({type(err).__name__}: {err})."
             ) from err
+        yield Plan(model, pruner, scorer, settings)
+
+
+class Plan:
+    """The coupled channel groups of a traced model, read before anything is cut: what
+    :func:`selection.select` and :func:`selection.predict_flops` work on, and :meth:`cut`."""
+
+    def __init__(
+        self, model: nn.Module, pruner: Any, scorer: ScaleImportance, settings: PassSettings
+    ) -> None:
+        self.settings = settings
+        self._pruner = pruner
+        self._nam_of_bn = {
+            id(m.bn): m for m in model.modules() if isinstance(m, NAMChannelAttention)
+        }
+        self.groups: list[GroupData] = []
+        self._roots: list[tuple[nn.Module, Any]] = []  # each group's root layer and handler
+        graph = pruner.DG
+        layers: dict[nn.Module, LayerData] = {}
+        groups = graph.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+        )
+        for group in groups:  # in Torch-Pruning's order, and skipping what it skips
+            if not pruner._check_pruning_ratio(group):
+                continue
+            ranked = scorer.ranked(group)
+            scores = scorer(group)
+            if ranked is None or scores is None:
+                continue
+            channel_groups = pruner._get_channel_groups(group)
+            if channel_groups > 1:  # a base channel's score is its mean over the channel groups
+                ranked = ranked.view(channel_groups, -1).mean(0)
+            ranked = ranked.cpu()
+            root, handler = group[0].dep.target.module, group[0].dep.handler
+            held, cuts = [], []
+            for i, (dep, _) in enumerate(group):
+                roots = group[i].root_idxs
+                outputs = graph.is_out_channel_pruning_fn(dep.handler)
+                channels = graph.get_out_channels(dep.layer) if outputs else None
+                if channels and None not in roots:
+                    most = channels - keep_min(channels, settings.max_layer_amount, None)
+                    held.append((torch.tensor(sorted(set(roots)), dtype=torch.long), most))
+                if isinstance(dep.layer, (nn.modules.conv._ConvNd, nn.Linear)) and (
+                    outputs or graph.is_in_channel_pruning_fn(dep.handler)
+                ):
+                    if dep.layer not in layers:
+                        layers[dep.layer] = _layer_data(dep.layer)
+                    known = torch.tensor([r for r in roots if r is not None], dtype=torch.long)
+                    cuts.append((layers[dep.layer], outputs, known))
+            self.groups.append(
+                GroupData(
+                    ranked=ranked,
+                    order=torch.argsort(ranked),
+                    per_base=scores.view(channel_groups, -1).mean(0),
+                    channel_groups=channel_groups,
+                    channels=len(group[0][1]),
+                    held=held,
+                    cuts=cuts,
+                )
+            )
+            self._roots.append((root, handler))
+
+    def select(self, amount: float) -> list[torch.Tensor]:
+        """The root channels each group loses for ``amount`` (:func:`selection.select`)."""
+        s = self.settings
+        return select(self.groups, amount, s.scope, s.max_layer_amount, s.round_to)
+
+    def cut(
+        self,
+        chosen: Sequence[torch.Tensor],
+        means: dict[nn.Module, torch.Tensor] | None = None,
+    ) -> PassResult:
+        """Remove the ``chosen`` root channels of each group (as :meth:`select` gives them).
+        With ``means`` (:func:`~nam_lightning.compensate.input_means`, measured before), what
+        the removed channels contribute is folded into the layers that read them."""
+        graph = self._pruner.DG
         threshold: float | None = None
         removed = 0
         uncompensated: list[nn.Module] = []
-        # Torch-Pruning drops a group that would lose every channel before we see it; let it
-        # through so that _cap trims it to max_layer_amount, and check validity after the trim.
-        check = pruner.DG.check_pruning_group
-        pruner.DG.check_pruning_group = lambda group: True
-        for group in pruner.step(interactive=True):
-            group, scores = _cap(pruner, group, scorer, max_layer_amount, round_to)
-            if group is None or not check(group):
+        for data, (root, handler), channels in zip(self.groups, self._roots, chosen, strict=True):
+            if not len(channels):
+                continue
+            group = graph.get_pruning_group(root, handler, channels.tolist())
+            if not graph.check_pruning_group(group):  # it would empty a layer
                 continue
             idxs = [int(i) for i in group[0][1]]
-            if not idxs:
-                continue
-            if scores is not None:
-                # grouped convolutions rank a channel by its mean over the channel groups
-                per_base = scores.view(pruner._get_channel_groups(group), -1).mean(0)
-                top = float(per_base[[i % len(per_base) for i in idxs]].max())
-                threshold = top if threshold is None else max(threshold, top)
+            top = float(data.per_base[[i % data.group_size for i in idxs]].max())
+            threshold = top if threshold is None else max(threshold, top)
             removed += len(idxs)
-            # Here every layer the group cuts and the channels it loses are known:
-            # ``(dep.layer, dep.handler, idxs) for dep, idxs in group``.
-            _keep_pruned_nam_mass(group, nam_of_bn)
+            _keep_pruned_nam_mass(group, self._nam_of_bn)
             if means is not None:
-                uncompensated += _compensate(pruner.DG, group, means)
+                uncompensated += _compensate(graph, group, means)
             group.prune()
         history = tuple(
             (str(name), bool(out), tuple(int(i) for i in idxs))
-            for name, out, idxs in pruner.pruning_history()
+            for name, out, idxs in self._pruner.pruning_history()
         )
-        names = {m: n for n, m in model.named_modules()}
-        return PassResult(
-            history, threshold, removed, tuple(sorted({names[m] for m in uncompensated}))
-        )
+        names = {m: n for n, m in self._pruner.model.named_modules()}
+        missed = tuple(sorted({names[m] for m in uncompensated}))
+        return PassResult(history, threshold, removed, missed)
+
+
+def _layer_data(layer: nn.Module) -> LayerData:
+    if isinstance(layer, nn.Linear):
+        return LayerData(layer, layer.out_features, layer.in_features, 1, depthwise=False)
+    assert isinstance(layer, nn.modules.conv._ConvNd)
+    depthwise = layer.groups == layer.out_channels > 1  # Torch-Pruning's test
+    return LayerData(layer, layer.out_channels, layer.in_channels, layer.groups, depthwise)
 
 
 def replay(model: nn.Module, history: Sequence[HistoryStep], input_shapes: Sequence[Any]) -> None:
@@ -288,68 +358,6 @@ def _cuttable(group: Any) -> bool:
             return False
         counts.append(layer.groups)
     return all(max(counts) % count == 0 for count in counts)
-
-
-def _cap(
-    pruner: Any, group: Any, scorer: ScaleImportance, max_amount: float, round_to: int | None
-) -> tuple[Any, torch.Tensor | None]:
-    """Trim a group so that no layer it cuts loses more than ``max_amount`` of its channels.
-
-    Torch-Pruning's global threshold can otherwise empty a layer in one step. The root layer
-    keeps ``1 - max_amount`` of each channel group, and a multiple of ``round_to``; every other
-    layer whose output channels the group cuts keeps ``1 - max_amount`` of its own (the inputs
-    of a concatenation each hold only some of the root's channels). The least important
-    channels are cut first. Returns the (possibly trimmed) group, or None, and the importance
-    of every channel of the root.
-    """
-    dep, idxs = group[0]
-    module, fn = dep.target.module, dep.handler
-    graph = pruner.DG
-    if graph.is_out_channel_pruning_fn(fn):
-        total = graph.get_out_channels(module)
-    else:
-        total = graph.get_in_channels(module)
-    full = graph.get_pruning_group(module, fn, list(range(total)))
-    scores = scorer(full)
-    if scores is None:  # unranked: Torch-Pruning does not offer such a group
-        return None, scores
-    ch_groups = pruner._get_channel_groups(group)
-    group_size = total // ch_groups
-    bases = sorted({int(i) % group_size for i in idxs})
-    allowed = group_size - _keep_min(group_size, max_amount, round_to)
-    held = []  # per layer the group cuts: the root channels it holds, and how many it may lose
-    for i, (d, _) in enumerate(full):
-        cuts_out = graph.is_out_channel_pruning_fn(d.handler)
-        channels = graph.get_out_channels(d.layer) if cuts_out else None
-        if channels and None not in full[i].root_idxs:
-            held.append((set(full[i].root_idxs), channels - _keep_min(channels, max_amount, None)))
-    per_base = scores.view(ch_groups, -1).mean(0)
-    chosen: list[int] = []
-    lost = [0] * len(held)
-    for base in sorted(bases, key=lambda b: float(per_base[b])):
-        cut = {base + g * group_size for g in range(ch_groups)}
-        hits = [len(cut & roots) for roots, _ in held]
-        if len(chosen) < allowed and all(
-            n + h <= most for n, h, (_, most) in zip(lost, hits, held, strict=True)
-        ):
-            chosen.append(base)
-            lost = [n + h for n, h in zip(lost, hits, strict=True)]
-    while round_to and chosen and (group_size - len(chosen)) % round_to:
-        chosen.pop()  # the most important; Torch-Pruning rounds grouped layers per channel
-    if len(chosen) == len(bases):
-        return group, scores
-    if not chosen:
-        return None, scores
-    trimmed = sorted(b + g * group_size for g in range(ch_groups) for b in chosen)
-    return graph.get_pruning_group(module, fn, trimmed), scores
-
-
-def _keep_min(channels: int, max_amount: float, round_to: int | None) -> int:
-    """The fewest channels a layer of ``channels`` keeps under ``max_amount`` and ``round_to``."""
-    keep = max(1, math.ceil(channels * (1 - max_amount) - 1e-9))
-    if round_to:
-        keep = max(round_to, math.ceil(keep / round_to) * round_to)
-    return keep
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from nam_lightning import NAM, NAMChannelAttention, inject_nam, l1_penalty, prune_channels
-from nam_lightning.report import count_params, layer_channels
+from nam_lightning.report import count_flops, count_params, layer_channels
 from nam_lightning.surgery import ScaleImportance
 
 settings.register_profile(
@@ -566,6 +566,7 @@ def test_a_trained_generated_net_prunes_into_a_smaller_working_net(
     assert report.params_before == params_before
     assert report.params_after == count_params(model)
     assert report.channels_after == layer_channels(model)
+    assert report.flops_after == count_flops(model, x)  # predicted from the layers' FLOPs
     if report.removed_channels:
         assert report.params_after < params_before
         assert report.flops_after < report.flops_before
