@@ -24,9 +24,8 @@ import lightning.pytorch as pl
 import matplotlib.image
 import pytest
 import torch
-from lightning_helpers import Classifier, tensors, trainer_kwargs
-from test_callback import LAMBDA, assert_same_params, fit
-from test_cli import TINY, cli, usage_error
+from cli_helpers import TINY, cli, usage_error
+from lightning_helpers import LAMBDA, Classifier, assert_same_params, fit, tensors, trainer_kwargs
 
 from nam_lightning import NAMCallback, NAMSite
 from nam_lightning.study import VARIANTS, plan, variant_callback
