@@ -439,6 +439,3 @@ def _configure_then_inject(
     finally:
         del pl_module.configure_model  # back to the class's method; drops our references
     callback._inject(trainer, pl_module)
-
-
-__all__ = ["NAMCallback"]

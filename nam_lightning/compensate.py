@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import as_args, eval_mode
+from .utils import run_hooked
 
 Consumer = nn.Conv2d | nn.Conv1d | nn.Conv3d | nn.Linear
 
@@ -48,13 +48,7 @@ def input_means(model: nn.Module, example_inputs: Any) -> dict[nn.Module, torch.
         means[module] = x.movedim(dim, 0).reshape(x.shape[dim], -1).mean(1)
 
     layers = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
-    try:
-        with eval_mode(model):
-            model(*as_args(example_inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, example_inputs, layers, hook, pre=True)
     return means
 
 

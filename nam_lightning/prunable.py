@@ -23,7 +23,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.utils._pytree import tree_leaves
 
-from .report import as_args, eval_mode
+from .utils import run_hooked
 
 # The layer types whose tensors Torch-Pruning 1.6.1 cuts itself (torch_pruning.ops.TORCH_*).
 _CUT_LAYERS = (
@@ -50,46 +50,33 @@ def check_channel_tensors(model: nn.Module, example_inputs: Any) -> None:
     The model runs once in eval mode, so nothing it holds changes.
     """
     candidates = {
-        name: tensors
+        module: (name, tensors)
         for name, module in model.named_modules()
         if not isinstance(module, _CUT_LAYERS) and (tensors := dict(_own_tensors(module)))
     }
     if not candidates:
         return
     found: list[str] = []
-    handles = []
-    for name, tensors in candidates.items():
 
-        def check(
-            module: nn.Module,
-            inputs: Any,
-            output: Any,
-            name: str = name,
-            tensors: dict[str, torch.Tensor] = tensors,
-        ) -> None:
-            x = next((t for t in tree_leaves(inputs) if _feature_map(t)), None)
-            if x is None:
-                return
-            reached = _parameters_reached(output, stop=x.grad_fn)
-            for tensor_name, tensor in tensors.items():
-                if _channel_count(tensor) != x.shape[1]:
-                    continue
-                if isinstance(tensor, nn.Parameter) and id(tensor) in reached:
-                    continue  # Torch-Pruning sees it in the traced graph and cuts it
-                kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
-                found.append(
-                    f"{name or type(model).__name__!r} ({type(module).__name__}): its {kind} "
-                    f"{tensor_name!r} of shape {tuple(tensor.shape)} has one entry per channel "
-                    f"of its {x.shape[1]}-channel input"
-                )
+    def check(module: nn.Module, inputs: Any, output: Any) -> None:
+        x = next((t for t in tree_leaves(inputs) if _feature_map(t)), None)
+        if x is None:
+            return
+        name, tensors = candidates[module]
+        reached = _parameters_reached(output, stop=x.grad_fn)
+        for tensor_name, tensor in tensors.items():
+            if _channel_count(tensor) != x.shape[1]:
+                continue
+            if isinstance(tensor, nn.Parameter) and id(tensor) in reached:
+                continue  # Torch-Pruning sees it in the traced graph and cuts it
+            kind = "parameter" if isinstance(tensor, nn.Parameter) else "buffer"
+            found.append(
+                f"{name or type(model).__name__!r} ({type(module).__name__}): its {kind} "
+                f"{tensor_name!r} of shape {tuple(tensor.shape)} has one entry per channel "
+                f"of its {x.shape[1]}-channel input"
+            )
 
-        handles.append(model.get_submodule(name).register_forward_hook(check))
-    try:
-        with eval_mode(model, grad=True):
-            model(*as_args(example_inputs))
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, example_inputs, candidates, check, pre=False, grad=True)
     if found:
         raise ValueError(
             f"Channel pruning cannot follow {'; '.join(dict.fromkeys(found))}. Torch-Pruning "

@@ -227,7 +227,6 @@ def _check_record(
             )
 
 
-
 def saved_pruning_passes(state_dict: dict[str, Any]) -> int:
     """How many pruning passes the records in a saved ``state_dict`` describe (0 if none)."""
     counts = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,6 +31,30 @@ class eval_mode:
         self.grad.__exit__(*exc)
         for module, flag in self.flags.items():
             module.training = flag
+
+
+def run_hooked(
+    model: nn.Module,
+    example_inputs: Any,
+    modules: Iterable[nn.Module],
+    hook: Callable[..., None],
+    *,
+    pre: bool,
+    grad: bool = False,
+) -> None:
+    """One eval-mode pass of ``model`` on ``example_inputs`` (without gradients unless
+    ``grad``) with ``hook`` on each of ``modules``: a forward-pre hook ``hook(module, inputs)``
+    with ``pre``, else a forward hook ``hook(module, inputs, output)``. The hooks are removed
+    afterwards, also after an error, and every training flag is put back."""
+    handles = [
+        m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules
+    ]
+    try:
+        with eval_mode(model, grad=grad):
+            model(*as_args(example_inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def on_device_of(example: Any, model: nn.Module) -> Any:

@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.resnet import BasicBlock
 
 from nam_lightning import NAM, NAMChannelAttention
+from nam_lightning.norms import is_norm, norm_channels
 
 
 class Net(torchvision.models.ResNet):
@@ -43,6 +44,28 @@ def randomise_bns(model: nn.Module, zero: int = 0, seed: int = 0) -> nn.Module:
             if zero and id(m) not in skip:
                 m.weight[:zero] = 0
                 m.bias[:zero] = 0
+    return model
+
+
+@torch.no_grad()
+def randomise_norms(
+    model: nn.Module, seed: int = 0, *, signs: bool = False, shift: float = 0.25
+) -> nn.Module:
+    """A trained network's ranges in every norm layer (see ``nam_lightning.norms.is_norm``):
+    scale factors in [0.25, 1] (each of random sign with ``signs``), shifts in [-shift, shift],
+    running means ~ N(0, 0.25^2), running variances in [0.5, 2]. A layer without affine
+    parameters or without running statistics keeps what it lacks and draws nothing for it."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if is_norm(m):
+            n = norm_channels(m)
+            sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1 if signs else 1
+            if m.weight is not None and m.bias is not None:
+                m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=g) * sign)
+                m.bias.copy_(torch.empty(n).uniform_(-shift, shift, generator=g))
+            if m.running_mean is not None and m.running_var is not None:
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.25)
+                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
     return model
 
 

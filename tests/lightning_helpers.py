@@ -1,4 +1,5 @@
-"""A tiny residual classifier and LightningModules shared by the callback tests and scripts."""
+"""A tiny residual classifier, LightningModules and a seeded one-call ``fit`` shared by the
+callback tests and scripts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
-from nam_lightning import inject_nam, l1_penalty
+from nam_lightning import NAMCallback, inject_nam, l1_penalty
 
 
 def tiny_resnet(num_classes: int = 10) -> nn.Module:
@@ -146,3 +147,23 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+LAMBDA = 1e-2  # large enough that a missing or doubled penalty shows after a few steps
+
+
+def fit(module_kwargs: dict[str, Any], callback: NAMCallback | None, **overrides: Any) -> Any:
+    """Seeded ``Trainer.fit`` of ``module_kwargs.pop("cls", Classifier)(**module_kwargs)`` with
+    ``callback`` (or none) and :func:`trainer_kwargs` ``(**overrides)``; returns the module."""
+    pl.seed_everything(0, verbose=False)
+    cls = module_kwargs.pop("cls", Classifier)
+    model = cls(**module_kwargs)
+    trainer = pl.Trainer(callbacks=[callback] if callback else [], **trainer_kwargs(**overrides))
+    trainer.fit(model)
+    return model
+
+
+def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)

@@ -12,7 +12,15 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
-from lightning_helpers import Classifier, ConfigureModelClassifier, tensors, trainer_kwargs
+from lightning_helpers import (
+    LAMBDA,
+    Classifier,
+    ConfigureModelClassifier,
+    assert_same_params,
+    fit,
+    tensors,
+    trainer_kwargs,
+)
 
 from nam_lightning import (
     AutoLambda,
@@ -22,23 +30,6 @@ from nam_lightning import (
     PruneConfig,
     load_checkpoint,
 )
-
-LAMBDA = 1e-2  # large enough that a missing or doubled penalty shows after a few steps
-
-
-def fit(module_kwargs: dict[str, Any], callback: NAMCallback | None, **overrides: Any) -> Any:
-    pl.seed_everything(0, verbose=False)
-    cls = module_kwargs.pop("cls", Classifier)
-    model = cls(**module_kwargs)
-    trainer = pl.Trainer(callbacks=[callback] if callback else [], **trainer_kwargs(**overrides))
-    trainer.fit(model)
-    return model
-
-
-def assert_same_params(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
 
 
 def gradscaler_plugin() -> list[Any]:

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_cli import AMOUNT, DIGITS, TINY, assert_run_artifacts, files_under, usage_error
+from cli_helpers import AMOUNT, DIGITS, TINY, assert_run_artifacts, files_under, usage_error
 
 from nam_lightning.pipeline import render_markdown
 

@@ -22,6 +22,7 @@ from unittest import mock
 import pytest
 import torch
 import torchvision
+from helpers import randomise_norms
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models import resnet
@@ -35,27 +36,11 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def randomise_bns(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
-            if m.weight is not None and m.bias is not None:
-                m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=g) * sign)
-                m.bias.copy_(torch.empty(n).uniform_(-0.25, 0.25, generator=g))
-            if m.running_mean is not None and m.running_var is not None:
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.25)
-                m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
-    return model
-
-
 def build(name: str, spatial: bool = False, x: torch.Tensor | None = None) -> nn.Module:
     """A torchvision model with NAM and random BatchNorms, in eval mode."""
     model = getattr(torchvision.models, name)(weights=None, num_classes=10)
     inject_nam(model, spatial=spatial, example_inputs=x)
-    return randomise_bns(model).eval()
+    return randomise_norms(model, signs=True).eval()
 
 
 def tiny(spatial: bool = False) -> nn.Module:
@@ -70,7 +55,7 @@ def tiny(spatial: bool = False) -> nn.Module:
         nn.Linear(8, 5),
     )
     inject_nam(model, spatial=spatial, example_inputs=torch.randn(1, 3, 6, 5))
-    return randomise_bns(model).eval()
+    return randomise_norms(model, signs=True).eval()
 
 
 def folded(model: nn.Module) -> nn.Module:
@@ -132,7 +117,7 @@ def test_folded_site_matches_the_nam_formulas():
     c, h, w = 3, 2, 3
     bn = nn.BatchNorm2d(c, eps=0.3)
     site = NAMSite(bn, NAM(c, spatial_size=(h, w), eps=0.2))
-    randomise_bns(site, seed=1)
+    randomise_norms(site, seed=1, signs=True)
     site.nam.channel.pruned_mass.fill_(0.7)
     model = nn.Sequential(site).double().eval()
     z = torch.randn(4, c, h, w, dtype=torch.float64)
@@ -201,7 +186,7 @@ def test_sites_that_are_not_foldable_batchnorms_keep_their_module():
         nn.Conv2d(6, 4, 1),
     )
     inject_nam(model, sites=["1", "2"])
-    randomise_bns(model).eval()
+    randomise_norms(model, signs=True).eval()
     x = torch.randn(3, 3, 7, 7)
     result = folded(model)
     for index in ("1", "2"):
@@ -243,7 +228,7 @@ def test_eval_kernels_serve_every_width_and_many_variants():
         warnings.simplefilter("error")  # the fallback warning would fail the test
         for c, (n, h, w, dtype) in enumerate(variants, start=3):
             site = NAMSite(nn.BatchNorm2d(c), NAM(c)).to(dtype).eval()
-            randomise_bns(site, seed=c)
+            randomise_norms(site, seed=c, signs=True)
             x = torch.randn(n, c, h, w, dtype=dtype)
             torch.testing.assert_close(site(x), plain(site, x), rtol=0, atol=1e-6)
     assert functional.eval_site_constants_kernel.enabled
@@ -257,7 +242,7 @@ def test_eval_kernels_compile_once_for_all_widths():
     from torch._dynamo.utils import counters
 
     def site(c: int) -> nn.Module:
-        return randomise_bns(NAMSite(nn.BatchNorm2d(c), NAM(c)), seed=c).eval()
+        return randomise_norms(NAMSite(nn.BatchNorm2d(c), NAM(c)), seed=c, signs=True).eval()
 
     x = torch.randn(2, 5, 3, 4)
     site(5)(x)  # compiled (or already cached) for this input's kind
@@ -274,9 +259,9 @@ def test_eval_inference_without_a_site_batchnorm_and_with_fuse_off():
     BatchNorm apart. Both against the NAM formula written out."""
     conv = nn.Conv2d(3, 4, 1)
     nam = NAM(4, eps=0.2)
-    randomise_bns(nam, seed=2)
+    randomise_norms(nam, seed=2, signs=True)
     nam.channel.pruned_mass.fill_(0.4)
-    bn = randomise_bns(nn.BatchNorm2d(4, eps=0.3), seed=3)
+    bn = randomise_norms(nn.BatchNorm2d(4, eps=0.3), seed=3, signs=True)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
 
     def formula(x: torch.Tensor) -> torch.Tensor:
@@ -302,7 +287,7 @@ def test_eval_kernels_stay_out_where_they_do_not_apply(case):
     after it gates on its own."""
     bn = nn.BatchNorm2d(4, track_running_stats=case != "no_running_stats")
     model = nn.Sequential(NAMSite(bn, NAM(4)))
-    randomise_bns(model)
+    randomise_norms(model, signs=True)
     model.train(case == "training")
     x = torch.randn(2, 4, 3, 3)
     if case == "bfloat16":

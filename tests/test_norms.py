@@ -15,6 +15,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torchvision
+from helpers import randomise_norms
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -26,21 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def timm_layers():
     return pytest.importorskip("timm.layers")
-
-
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random scale factors (both signs), shifts and running statistics in every norm layer."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if is_norm(m):
-            n = norm_channels(m)
-            sign = torch.randint(0, 2, (n,), generator=g) * 2 - 1
-            m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=g) * sign)
-            m.bias.copy_(torch.empty(n).uniform_(-0.5, 0.5, generator=g))
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.25)
-            m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
-    return model
 
 
 def bn_eval(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -65,7 +51,7 @@ def check_site(norm: nn.Module, after_norm: Callable, folds_in: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), norm, nn.Conv2d(6, 4, 1))
     inject_nam(model, sites=["1"])
-    randomise(model).eval()
+    randomise_norms(model, signs=True, shift=0.5).eval()
     for dtype, tolerance in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
         m = copy.deepcopy(model).to(dtype)
         x = torch.randn(2, 3, 7, 7, dtype=dtype)
@@ -143,7 +129,7 @@ def test_auto_sites_and_folding_with_frozen_batchnorm_resnet():
     model = torchvision.models.resnet18(num_classes=10, norm_layer=FrozenBatchNorm2d)
     sites = inject_nam(model)
     assert sites == [f"layer{i}.{j}.bn2" for i in range(1, 5) for j in range(2)]
-    randomise(model).eval()
+    randomise_norms(model, signs=True, shift=0.5).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.enable_grad():
         expected = model(x).detach()

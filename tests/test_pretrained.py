@@ -15,9 +15,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from helpers import randomise_norms
 from lightning_helpers import Classifier, trainer_kwargs
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from nam_lightning import (
     NAM,
@@ -35,23 +35,9 @@ from nam_lightning.record import RECORD_KEY
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@torch.no_grad()
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Scale factors, shifts and running statistics of a trained network, in every BatchNorm."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.weight.copy_(torch.empty(n).uniform_(0.25, 1.0, generator=g))
-            m.bias.copy_(torch.empty(n).uniform_(-0.25, 0.25, generator=g))
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.25)
-            m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=g))
-    return model
-
-
 def trained_resnet() -> nn.Module:
     torch.manual_seed(0)
-    return randomise(torchvision.models.resnet18(num_classes=10))
+    return randomise_norms(torchvision.models.resnet18(num_classes=10))
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -115,7 +101,7 @@ def test_every_path_of_an_identity_site_gates_with_twice_the_sigmoid(fuse):
     """After training (scale factors away from their start) each path follows the formula."""
     torch.manual_seed(0)
     site = NAMSite(nn.BatchNorm2d(6), NAM(6, identity_init=True), fuse=fuse)
-    randomise(site, seed=1)
+    randomise_norms(site, seed=1)
     site.nam.channel.pruned_mass.fill_(0.3)
     site = site.double()
     z = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 2 + 1
@@ -142,7 +128,7 @@ def test_folded_identity_sites_match_the_unfolded_model(spatial, sites):
     model = trained_resnet()
     x = torch.randn(2, 3, 32, 32)
     inject_nam(model, sites, spatial=spatial, example_inputs=x, identity_init=True)
-    randomise(model, seed=2).eval()  # NAM trained too: its gates are no longer 1
+    randomise_norms(model, seed=2).eval()  # NAM trained too: its gates are no longer 1
     model, x = model.double().eval(), x.double()
     expected = model(x).detach()
     assert (expected - trained_resnet().double().eval()(x)).abs().max() > 1e-2
@@ -168,7 +154,7 @@ def test_nam_learns_from_the_identity():
 def test_the_record_rebuilds_identity_sites(tmp_path: Path):
     model = trained_resnet()
     inject_nam(model, identity_init=True)
-    randomise(model, seed=3)
+    randomise_norms(model, seed=3)
     state = model.state_dict()
     assert all(spec["identity_init"] for spec in state[RECORD_KEY]["nam_sites"].values())
     save_pruned(model, tmp_path / "model.pt", hyper_parameters={"num_classes": 10})
@@ -201,7 +187,7 @@ def test_plain_load_state_dict_refuses_nam_built_otherwise():
 def test_callback_injects_identity_sites():
     pl.seed_everything(0, verbose=False)
     module = Classifier()
-    randomise(module)
+    randomise_norms(module)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         before = module.eval()(x)

@@ -27,9 +27,8 @@ import lightning.pytorch as pl
 import matplotlib.image
 import pytest
 import torch
-from lightning_helpers import Classifier, tensors, trainer_kwargs
-from test_callback import LAMBDA, assert_same_params, fit
-from test_cli import TINY, cli, usage_error
+from cli_helpers import TINY, cli, usage_error
+from lightning_helpers import LAMBDA, Classifier, assert_same_params, fit, tensors, trainer_kwargs
 
 from nam_lightning import AutoLambda, NAMCallback, NAMSite, PruneConfig, load_checkpoint
 from nam_lightning.data import DigitsDataModule
