@@ -93,3 +93,20 @@ def fold_contribution(
         layer.bias = nn.Parameter(moved, requires_grad=bias.requires_grad)
         return True
     return False
+
+
+def compensate_cut(
+    layer: nn.Module,
+    removed: list[int],
+    means: dict[nn.Module, torch.Tensor],
+    follower: nn.Module | None,
+) -> bool:
+    """Before ``layer`` loses its input channels ``removed``: fold their contribution at the
+    measured ``means[layer]`` into its output (:func:`fold_contribution`), and drop them from
+    ``means[layer]`` so that it matches the cut layer. Returns False where nothing could take
+    the contribution."""
+    done = fold_contribution(layer, removed_contribution(layer, removed, means[layer]), follower)
+    keep = torch.ones(len(means[layer]), dtype=torch.bool)
+    keep[removed] = False
+    means[layer] = means[layer][keep]
+    return done

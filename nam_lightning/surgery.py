@@ -61,17 +61,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch_pruning.dependency import index_mapping
 
 from .attention import NAM, NAMChannelAttention
-from .compensate import fold_contribution, removed_contribution
+from .compensate import compensate_cut
 from .record import HistoryStep
 from .selection import GroupData, LayerData, keep_min, select
 from .utils import as_args, eval_mode
 
-# The cuts of a layer's inputs whose removed channels reach its other outputs (a depthwise
-# convolution loses its outputs together with its inputs, so it has nothing to compensate).
-_IN_CHANNEL_CUTS = (
-    tp.pruner.function.prune_conv_in_channels,
-    tp.pruner.function.prune_linear_in_channels,
-)
+# Input cuts whose removed channels reach other outputs (a depthwise conv loses both at once).
+_IN_CHANNEL_CUTS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
 class PassSettings(Protocol):
@@ -247,26 +243,17 @@ def replay(model: nn.Module, history: Sequence[HistoryStep], input_shapes: Seque
 
 
 def _compensate(graph: Any, group: Any, means: dict[nn.Module, torch.Tensor]) -> list[nn.Module]:
-    """Before ``group`` is cut: fold what its removed channels contribute, as constants, into
-    every convolution and linear layer that reads them (see :mod:`nam_lightning.compensate`),
-    and keep the measured input means in step with the cut. Returns the consumers that have
-    neither a following BatchNorm nor a bias to take the contribution."""
+    """Before ``group`` is cut: :func:`~nam_lightning.compensate.compensate_cut` for every
+    convolution and linear layer that reads its removed channels (the BatchNorm right after
+    it, if any, takes the contribution). Returns the layers where nothing could take it."""
     missed = []
     for dep, idxs in group:
-        layer = dep.layer
-        if dep.handler not in _IN_CHANNEL_CUTS or layer not in means:
-            continue
-        removed = [int(i) for i in idxs]
-        outputs = graph.module2node[layer].outputs
-        follower = outputs[0].module if len(outputs) == 1 else None
-        if not isinstance(follower, _BatchNorm):
-            follower = None
-        contribution = removed_contribution(layer, removed, means[layer])
-        if not fold_contribution(layer, contribution, follower):
-            missed.append(layer)
-        keep = torch.ones(len(means[layer]), dtype=torch.bool)
-        keep[removed] = False
-        means[layer] = means[layer][keep]
+        if dep.handler in _IN_CHANNEL_CUTS and dep.layer in means:
+            outputs = graph.module2node[dep.layer].outputs
+            follower = outputs[0].module if len(outputs) == 1 else None
+            follower = follower if isinstance(follower, _BatchNorm) else None
+            if not compensate_cut(dep.layer, [int(i) for i in idxs], means, follower):
+                missed.append(dep.layer)
     return missed
 
 
