@@ -23,7 +23,9 @@ from .record import attach_record
 from .sites import auto_sites
 from .utils import as_args, eval_mode
 
-Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
+# The type of the `sites` argument, a choice of sites: "auto", module names, or a predicate
+# (name, module) -> bool.
+SiteSelection = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
 
 _AUTO_HELP = (
     "`sites='auto'` looks for the block types registered with nam_lightning.register_block "
@@ -38,7 +40,7 @@ _AUTO_HELP = (
 
 def inject_nam(
     model: nn.Module,
-    sites: Sites = "auto",
+    sites: SiteSelection = "auto",
     *,
     spatial: bool = False,
     detach_weights: bool = True,
@@ -204,7 +206,7 @@ def replace_modules(
         raise
 
 
-def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
+def resolve_sites(model: nn.Module, sites: SiteSelection) -> list[str]:
     """The module names ``sites`` stands for in ``model`` (a NAMSite counts as its module)."""
     check_sites(sites)
     if isinstance(sites, str):
