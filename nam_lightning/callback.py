@@ -31,7 +31,7 @@ from typing_extensions import override
 from .attention import NAMSite
 from .autolambda import AutoLambda, PlannedDecay
 from .checks import check_bool, check_finite_float
-from .inject import Sites, check_sites, inject_nam, resolve_sites
+from .inject import SiteSelection, check_sites, inject_nam, resolve_sites
 from .pruning import PruneConfig
 from .record import pruning_passes, saved_pruning_passes
 from .report import PruneReport
@@ -94,7 +94,7 @@ class NAMCallback(Callback):
         lambda_: float | Literal["auto"] | AutoLambda = 1e-4,
         *,
         targets: Targets = "all",
-        sites: Sites = "auto",
+        sites: SiteSelection = "auto",
         spatial: bool = False,
         detach_weights: bool = True,
         sparsity_threshold: float = 1e-2,

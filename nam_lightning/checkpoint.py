@@ -23,16 +23,16 @@ from .inject import apply_plan, read_channels
 from .pruning import replay_pruning
 from .record import RECORD_KEY, read_record
 
-M = TypeVar("M", bound=nn.Module)
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def load_checkpoint(
-    factory: Callable[..., M],
+    factory: Callable[..., _M],
     path: str | os.PathLike[str],
     *,
     map_location: Any = "cpu",
     **kwargs: Any,
-) -> M:
+) -> _M:
     """Rebuild a model from a checkpoint written by a run that used nam_lightning.
 
     Works like ``cls.load_from_checkpoint(path, **kwargs)``: the hyperparameters saved in the

@@ -37,19 +37,19 @@ from .pruning import PruneConfig
 from .study import check_pruning, check_study_options, open_study, run_study, study_settings
 from .study_units import Variant
 
-PIPELINE_COMMANDS = ("run", "prune", "finetune")
-OWN_COMMANDS = (*PIPELINE_COMMANDS, "study")  # methods of NAMLightningCLI, not of the Trainer
-RUN_DIR_ENV = "NAM_LIGHTNING_RUN_DIR"
-DEFAULT_FLOPS_TARGET = 0.4
+_PIPELINE_COMMANDS = ("run", "prune", "finetune")
+_OWN_COMMANDS = (*_PIPELINE_COMMANDS, "study")  # methods of _NAMLightningCLI, not of the Trainer
+_RUN_DIR_ENV = "NAM_LIGHTNING_RUN_DIR"
+_DEFAULT_FLOPS_TARGET = 0.4
 
 
-def default_run_dir() -> str:
+def _default_run_dir() -> str:
     """``runs/<date-time>``, passed through the environment to the DDP worker processes
     (Lightning's launcher starts them by re-running this command a moment later)."""
-    if _is_launched_worker() and RUN_DIR_ENV in os.environ:
-        return os.environ[RUN_DIR_ENV]
-    os.environ[RUN_DIR_ENV] = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
-    return os.environ[RUN_DIR_ENV]
+    if _is_launched_worker() and _RUN_DIR_ENV in os.environ:
+        return os.environ[_RUN_DIR_ENV]
+    os.environ[_RUN_DIR_ENV] = f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    return os.environ[_RUN_DIR_ENV]
 
 
 def _is_launched_worker() -> bool:
@@ -60,7 +60,7 @@ def _is_launched_worker() -> bool:
     return any(int(os.environ.get(k, "0")) > 0 for k in ranks)
 
 
-class NAMLightningCLI(LightningCLI):
+class _NAMLightningCLI(LightningCLI):
     """LightningCLI with NAM on every training command and the pipeline commands added."""
 
     @staticmethod
@@ -79,7 +79,7 @@ class NAMLightningCLI(LightningCLI):
         self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
         parser_subcommands = parser.add_subcommands()
         for subcommand in self.subcommands():
-            klass = type(self) if subcommand in OWN_COMMANDS else self.trainer_class
+            klass = type(self) if subcommand in _OWN_COMMANDS else self.trainer_class
             assert isinstance(klass, type)
             description = _get_short_description(getattr(klass, subcommand))
             subparser_kwargs = kwargs.get(subcommand, {})
@@ -91,7 +91,7 @@ class NAMLightningCLI(LightningCLI):
             parser_subcommands.add_subcommand(subcommand, subcommand_parser, help=description)
 
     def _run_subcommand(self, subcommand: str) -> None:
-        if subcommand in OWN_COMMANDS:
+        if subcommand in _OWN_COMMANDS:
             getattr(self, subcommand)(**self._prepare_subcommand_kwargs(subcommand))
         else:
             super()._run_subcommand(subcommand)
@@ -105,7 +105,7 @@ class NAMLightningCLI(LightningCLI):
         parser.link_arguments("pruning", "nam.prune", apply_on="instantiate")
         digits = {"class_path": "nam_lightning.data.DigitsDataModule"}
         parser.set_defaults(
-            {"nam.lambda_": "auto", "pruning.flops_target": DEFAULT_FLOPS_TARGET, "data": digits}
+            {"nam.lambda_": "auto", "pruning.flops_target": _DEFAULT_FLOPS_TARGET, "data": digits}
         )
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.in_channels", apply_on="instantiate")
@@ -137,13 +137,13 @@ class NAMLightningCLI(LightningCLI):
         if (
             pruning
             and pruning.get("amount") is not None
-            and pruning.get("flops_target") == DEFAULT_FLOPS_TARGET
+            and pruning.get("flops_target") == _DEFAULT_FLOPS_TARGET
         ):
             pruning["flops_target"] = None
-        if self.subcommand in PIPELINE_COMMANDS:
+        if self.subcommand in _PIPELINE_COMMANDS:
             _check_stage_options(config)
             if config.get("run_dir") is None:
-                config["run_dir"] = default_run_dir()
+                config["run_dir"] = _default_run_dir()
             if not _is_launched_worker():
                 check_run_dir(config["run_dir"], config.get("overwrite", False))
         if self.subcommand == "study":
@@ -159,7 +159,7 @@ class NAMLightningCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         # Only once every option was accepted: a bad option leaves the run directory empty.
-        if self.subcommand in PIPELINE_COMMANDS and not _is_launched_worker():
+        if self.subcommand in _PIPELINE_COMMANDS and not _is_launched_worker():
             config = self._config()
             with self._usage_errors():
                 path = claim_run_dir(config["run_dir"], config.get("overwrite", False))
@@ -170,7 +170,7 @@ class NAMLightningCLI(LightningCLI):
             self.parser.save(self.config, run_dir / "config.yaml", overwrite=True)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        if self.subcommand in PIPELINE_COMMANDS:
+        if self.subcommand in _PIPELINE_COMMANDS:
             return self._stage_trainer("train" if self.subcommand == "run" else self.subcommand)
         return super().instantiate_trainer(**kwargs)
 
@@ -330,7 +330,7 @@ class NAMLightningCLI(LightningCLI):
 
 def main(args: Any = None) -> None:
     """Entry point of the ``nam-lightning`` console script."""
-    NAMLightningCLI(
+    _NAMLightningCLI(
         ImageClassifier,
         pl.LightningDataModule,  # any data module; digits is the default (set_defaults)
         subclass_mode_data=True,

@@ -34,8 +34,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .utils import run_hooked
 
-Consumer = nn.Conv2d | nn.Conv1d | nn.Conv3d | nn.Linear
-
 
 def input_means(model: nn.Module, example_inputs: Any) -> dict[nn.Module, torch.Tensor]:
     """Each convolution's and linear layer's input, averaged over all but the channel

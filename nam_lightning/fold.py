@@ -190,12 +190,12 @@ def fold_nam(model: nn.Module) -> int:
             "module that holds it."
         )
 
-    replacements = {name: _fold_site(name, site) for name, site in sites}
+    replacements = {name: fold_site(name, site) for name, site in sites}
     replace_modules(model, replacements)  # all or none
     return len(replacements)
 
 
-def _fold_site(name: str, site: NAMSite) -> nn.Module:
+def fold_site(name: str, site: NAMSite) -> nn.Module:
     """The eval-mode replacement of one site: a FoldedNAM, after the module when it is kept."""
     nam = site.nam
     _check_running_stats(f"{name}.nam.channel.bn", nam.channel.bn)

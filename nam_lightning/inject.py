@@ -23,9 +23,11 @@ from .record import attach_record
 from .sites import auto_sites
 from .utils import as_args, eval_mode
 
-Sites = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
+# The type of the `sites` argument, a choice of sites: "auto", module names, or a predicate
+# (name, module) -> bool.
+SiteSelection = Literal["auto"] | Sequence[str] | Callable[[str, nn.Module], bool]
 
-AUTO_HELP = (
+_AUTO_HELP = (
     "`sites='auto'` looks for the block types registered with nam_lightning.register_block "
     "(torchvision's ResNet/ResNeXt/Wide-ResNet BasicBlock and Bottleneck, MobileNetV2/V3 "
     "InvertedResidual, EfficientNet MBConv/FusedMBConv and RegNet ResBottleneckBlock; timm's "
@@ -38,7 +40,7 @@ AUTO_HELP = (
 
 def inject_nam(
     model: nn.Module,
-    sites: Sites = "auto",
+    sites: SiteSelection = "auto",
     *,
     spatial: bool = False,
     detach_weights: bool = True,
@@ -204,19 +206,19 @@ def replace_modules(
         raise
 
 
-def resolve_sites(model: nn.Module, sites: Sites) -> list[str]:
+def resolve_sites(model: nn.Module, sites: SiteSelection) -> list[str]:
     """The module names ``sites`` stands for in ``model`` (a NAMSite counts as its module)."""
     check_sites(sites)
     if isinstance(sites, str):
         names = auto_sites(model)
         if not names:
-            raise ValueError(f"No NAM site found in {type(model).__name__}. {AUTO_HELP}")
+            raise ValueError(f"No NAM site found in {type(model).__name__}. {_AUTO_HELP}")
         return names
     candidates = _candidates(model)
     if callable(sites):
         names = [n for n, m in candidates.items() if sites(n, m)]
         if not names:
-            raise ValueError(f"The `sites` predicate matched no module. {AUTO_HELP}")
+            raise ValueError(f"The `sites` predicate matched no module. {_AUTO_HELP}")
         return _check_not_nested(names)
     unknown = [s for s in sites if s not in candidates]
     if unknown:
@@ -236,14 +238,14 @@ def check_sites(sites: object) -> None:
     if isinstance(sites, str):
         if sites != "auto":
             raise ValueError(
-                f"{valid}, got {sites!r}; to name one module pass a list: [{sites!r}]. {AUTO_HELP}"
+                f"{valid}, got {sites!r}; to name one module pass a list: [{sites!r}]. {_AUTO_HELP}"
             )
     elif callable(sites):
         pass
     elif not isinstance(sites, Sequence) or not all(isinstance(s, str) for s in sites):
         raise TypeError(f"{valid}, got {sites!r}")
     elif not sites:
-        raise ValueError(f"{valid}, got an empty list. {AUTO_HELP}")
+        raise ValueError(f"{valid}, got an empty list. {_AUTO_HELP}")
 
 
 def _check_not_nested(names: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock
 
 from .checks import check_finite_float
 
-SMALL_RESNET = "small_resnet"
+_SMALL_RESNET = "small_resnet"
 
 
 def small_resnet(
@@ -53,13 +53,13 @@ def build_backbone(
     name: str, num_classes: int, in_channels: int = 3, cifar_stem: bool = False
 ) -> nn.Module:
     """``small_resnet`` or a torchvision classification model by name (random weights)."""
-    if name == SMALL_RESNET:
+    if name == _SMALL_RESNET:
         return small_resnet(num_classes, in_channels)
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise ValueError(
             f"`backbone` {name!r} is not a torchvision classification model; valid: "
-            f"{SMALL_RESNET!r} or one of {available}"
+            f"{_SMALL_RESNET!r} or one of {available}"
         )
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     first = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
@@ -106,7 +106,7 @@ class ImageClassifier(pl.LightningModule):
 
     def __init__(
         self,
-        backbone: str = SMALL_RESNET,
+        backbone: str = _SMALL_RESNET,
         num_classes: int = 10,
         in_channels: int = 3,
         cifar_stem: bool = False,

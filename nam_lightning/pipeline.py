@@ -170,8 +170,8 @@ def run_pipeline(
         "batch_shape": list(batch.shape),
     }
     if trainer.is_global_zero:
-        summary["export"] = export_model(model, batch, run_dir)
-        summary["plots"] = write_plots(
+        summary["export"] = _export_model(model, batch, run_dir)
+        summary["plots"] = _write_plots(
             run_dir, gammas_init, gammas_trained, report, _metrics_files(run_dir)
         )
         (run_dir / "report.json").write_text(json.dumps(summary, indent=2))
@@ -249,7 +249,7 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
+def _export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
     """ONNX (checked against PyTorch with onnxruntime when installed), else ``torch.export``."""
     model = model.cpu().eval()
     example = batch[:2]
@@ -294,7 +294,7 @@ def _metrics_files(run_dir: Path) -> dict[str, Path | None]:
     }
 
 
-def write_plots(
+def _write_plots(
     run_dir: Path,
     gammas_init: torch.Tensor,
     gammas_trained: torch.Tensor,

@@ -37,7 +37,8 @@ _TORCHVISION_BLOCKS: dict[type[nn.Module], str] = {
     efficientnet.FusedMBConv: "block",
     regnet.ResBottleneckBlock: "f",
 }
-_USER_BLOCKS: dict[type[nn.Module], str] = {}
+# The block types register_block added, with their branch ends (tests save and restore it).
+USER_BLOCKS: dict[type[nn.Module], str] = {}
 
 
 def register_block(block_type: type[nn.Module], branch_end: str) -> None:
@@ -75,7 +76,7 @@ def register_block(block_type: type[nn.Module], branch_end: str) -> None:
             f"`branch_end` must be an attribute path such as 'bn3' or 'conv3.bn' (names joined "
             f"by dots), got {branch_end!r}"
         )
-    _USER_BLOCKS[block_type] = branch_end
+    USER_BLOCKS[block_type] = branch_end
 
 
 def registered_blocks() -> dict[type[nn.Module], str]:
@@ -85,7 +86,7 @@ def registered_blocks() -> dict[type[nn.Module], str]:
     timm = timm_support()
     if timm is not None:
         blocks.update(timm.TIMM_BLOCKS)
-    blocks.update(_USER_BLOCKS)
+    blocks.update(USER_BLOCKS)
     return blocks
 
 

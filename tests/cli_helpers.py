@@ -35,8 +35,8 @@ TINY = [
 DIGITS = ["--data.batch_size=16"]  # the default data module, smaller batches
 AMOUNT = ["--pruning.amount=0.3", "--pruning.flops_target=null"]  # always reachable
 STAGES = ["trained", "pruned", "fine-tuned"]
-HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
-HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+_HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+_HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def cli(*args: str) -> None:
@@ -71,7 +71,7 @@ def tensors(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
 
-def assert_png(path: Path) -> None:
+def _assert_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", path
     assert len(data) > 5_000, path
@@ -81,14 +81,14 @@ def assert_png(path: Path) -> None:
     assert float(image[..., :3].std()) > 0.01  # something is drawn
 
 
-def batch_for(shape: list[int], n: int = 5) -> torch.Tensor:
+def _batch_for(shape: list[int], n: int = 5) -> torch.Tensor:
     return torch.randn(n, *shape[1:], generator=torch.Generator().manual_seed(1))
 
 
-def assert_export_matches(run_dir: Path, model: torch.nn.Module, x: torch.Tensor) -> None:
+def _assert_export_matches(run_dir: Path, model: torch.nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         want = model(x)
-    if HAS_ONNX:
+    if _HAS_ONNX:
         import onnxruntime
 
         path = run_dir / "model.onnx"
@@ -129,7 +129,7 @@ def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
     for name in STAGES:
         assert f"| {name} |" in markdown
 
-    x = batch_for(report["batch_shape"])
+    x = _batch_for(report["batch_shape"])
     models = {}
     for name in ("pruned", "finetuned"):
         model = load_checkpoint(ImageClassifier, run_dir / f"{name}.ckpt").eval()
@@ -144,11 +144,11 @@ def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
         "fine-tuning changed no weight"
     )
 
-    assert_export_matches(run_dir, models["finetuned"], x)
-    assert ("model.onnx" if HAS_ONNX else "model.pt2") in report["export"]
+    _assert_export_matches(run_dir, models["finetuned"], x)
+    assert ("model.onnx" if _HAS_ONNX else "model.pt2") in report["export"]
 
     for name in ("gamma_hist.png", "channels.png", "accuracy.png"):
-        assert_png(run_dir / name)
+        _assert_png(run_dir / name)
 
     train_rows = read_csv(run_dir / "train" / "metrics.csv")
     finetune_rows = read_csv(run_dir / "finetune" / "metrics.csv")
@@ -158,7 +158,7 @@ def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
     assert any(r["val/acc"] for r in train_rows) and any(r["val/acc"] for r in finetune_rows)
     assert {"val/acc", "train/loss"} <= set(finetune_rows[0])
     assert not [c for c in finetune_rows[0] if c.startswith("nam/")]  # no penalty when tuning
-    if HAS_TENSORBOARD:
+    if _HAS_TENSORBOARD:
         for stage in ("train", "finetune"):
             assert list((run_dir / stage).rglob("events.out.tfevents.*")), stage
     return report

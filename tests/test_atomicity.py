@@ -220,7 +220,7 @@ def test_fold_failing_at_the_second_swap_restores_the_first(
 def test_fold_failing_while_folding_a_site_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     model = resnet(nam=True).eval()
     before = snapshot(model, X)
-    fail_on_call(monkeypatch, nam_lightning.fold, "_fold_site", at=5)
+    fail_on_call(monkeypatch, nam_lightning.fold, "fold_site", at=5)
     with pytest.raises(Interrupted):
         fold_nam(model)
     monkeypatch.undo()

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def _restore_registry() -> Iterator[None]:
     """Every test leaves the registry as it found it."""
-    before = dict(sites_module._USER_BLOCKS)
+    before = dict(sites_module.USER_BLOCKS)
     yield
-    sites_module._USER_BLOCKS.clear()
-    sites_module._USER_BLOCKS.update(before)
+    sites_module.USER_BLOCKS.clear()
+    sites_module.USER_BLOCKS.update(before)
 
 
 class Block(nn.Module):
