@@ -41,7 +41,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = [*TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1"]
 JOBS = {"a": [], "b": ["--seed_everything=1", "--data.seed=1"]}
-TIMINGS = {"latency_ms", "speedup", "seconds", "surgery_seconds", "measure_seconds"}  # wall-clock
+TIMINGS = {
+    "latency_ms",
+    "latency_before",
+    "latency_after",
+    "speedup",
+    "seconds",
+    "surgery_seconds",
+    "measure_seconds",
+}  # wall-clock
 TIMEOUT = 300
 PLACEHOLDER = "<run_dir>"
 
