@@ -193,7 +193,7 @@ def test_report_when_pruning_removed_nothing() -> None:
 def fit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fit")
     cli("fit", *TINY, *DIGITS, f"--trainer.default_root_dir={root}")
-    # fit also saves the model its callback pruned (pruned.ckpt); the training checkpoint is the other
+    # fit also saves the model its callback pruned (pruned.ckpt): take the training checkpoint
     (checkpoint,) = [c for c in checkpoints_under(root) if not c.name.startswith("pruned")]
     return checkpoint
 
@@ -303,7 +303,8 @@ def test_print_config_has_nam_and_pruning_sections(
 ) -> None:
     config = printed_config(capsys, command)
     nam, pruning = config["nam"], config["pruning"]
-    assert (nam["lambda_"] == "auto" or nam["lambda_"] > 0) and nam["targets"] in ("nam", "bn", "all")
+    assert nam["lambda_"] == "auto" or nam["lambda_"] > 0
+    assert nam["targets"] in ("nam", "bn", "all")
     assert {"sites", "spatial", "detach_weights", "sparsity_threshold", "log_on"} <= set(nam)
     assert {"amount", "flops_target", "importance", "scope", "max_layer_amount", "round_to"} <= set(
         pruning
