@@ -82,6 +82,14 @@ def checkpoints_under(path: Path) -> list[Path]:
     return sorted(path.rglob("*.ckpt"))
 
 
+def training_checkpoint(path: Path) -> Path:
+    """The one checkpoint ``fit`` trained under ``path``; ``fit`` prunes at the end and saves
+    that model beside it as ``pruned.ckpt``."""
+    (checkpoint,) = [c for c in checkpoints_under(path) if not c.name.startswith("pruned")]
+    assert (checkpoint.parent / "pruned.ckpt").is_file()
+    return checkpoint
+
+
 # --- run -------------------------------------------------------------------------------------
 
 
@@ -193,9 +201,7 @@ def test_report_when_pruning_removed_nothing() -> None:
 def fit_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fit")
     cli("fit", *TINY, *DIGITS, f"--trainer.default_root_dir={root}")
-    # fit also saves the model its callback pruned (pruned.ckpt): take the training checkpoint
-    (checkpoint,) = [c for c in checkpoints_under(root) if not c.name.startswith("pruned")]
-    return checkpoint
+    return training_checkpoint(root)
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +384,7 @@ def test_fit_on_an_image_folder(tmp_path: Path) -> None:
         "--data.num_workers=0",
         f"--trainer.default_root_dir={tmp_path / 'out'}",
     )
-    (path,) = checkpoints_under(tmp_path / "out")
+    path = training_checkpoint(tmp_path / "out")
     hparams = torch.load(path, weights_only=True)["hyper_parameters"]
     assert (hparams["num_classes"], hparams["in_channels"]) == (2, 3)
     model = load_checkpoint(ImageClassifier, path).eval()
@@ -437,7 +443,7 @@ def test_small_resnet_is_the_default_model(fit_checkpoint: Path) -> None:
 )
 def test_fit_with_a_torchvision_model(options: list[str], sites: int, tmp_path: Path) -> None:
     cli("fit", *TINY, *DIGITS, *options, f"--trainer.default_root_dir={tmp_path}")
-    (path,) = checkpoints_under(tmp_path)
+    path = training_checkpoint(tmp_path)
     checkpoint = torch.load(path, weights_only=True)
     assert checkpoint["hyper_parameters"]["backbone"] == options[0].split("=")[1]
     nam_keys = [k for k in checkpoint["state_dict"] if "nam.channel.bn.weight" in k]
