@@ -20,9 +20,10 @@ saving only its input ``z``, and recomputes the cheap rest in backward. It cover
 The per-channel coefficients (``C`` values) are computed inside the statistics kernel, and
 their derivatives, written out by the chain rule, inside the first backward kernel: gradients
 reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in the unfused
-formula, and a site makes four compiled calls and no small eager operators (those cost more
-than the arithmetic on small feature maps). Running statistics are updated as
-``nn.BatchNorm2d`` does.
+formula, and a site makes four compiled calls and few small eager operators. Running
+statistics are updated as ``nn.BatchNorm2d`` does. On a small feature map the compiled calls'
+fixed cost exceeds what they save, and a training step runs PyTorch's operators instead
+(:func:`scaled_bn_gate`; :func:`nam_lightning.kernels.choose_path` decides).
 
 In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
 running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval

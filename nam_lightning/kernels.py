@@ -142,7 +142,7 @@ class Path(enum.Enum):
 
     ALONE = "alone"  # training: the gate's kernels, saving only x
     FUSED = "fused"  # training: both BatchNorms and the gate in the kernels, saving only z
-    SMALL = "small"  # training on a small map: PyTorch's operators, w in NAM's affine step
+    SMALL = "small"  # training, small map: PyTorch's operators (a site: its module, then NAM)
     EVAL_ALONE = "eval alone"  # no gradient: the gate from running statistics, one pass
     EVAL_FUSED = "eval fused"  # the same with the BatchNorm before it folded in
     PLAIN = "plain"  # PyTorch's operators (for a site: its module, then NAM on its own)
