@@ -86,6 +86,8 @@ class NAMChannelAttention(nn.Module):
         path = kernels.choose_path(x, self.bn)
         if path is Path.ALONE:
             y = functional.nam_channel_gate(x, self.bn, self.weights())
+        elif path is Path.SMALL:
+            y = functional.scaled_bn_gate(x, self.bn, self.weights())
         elif path is Path.EVAL_ALONE:
             y = functional.eval_channel_gate(x, self.bn, self.pruned_mass)
         else:
@@ -224,6 +226,8 @@ class NAMSite(nn.Module):
     (:func:`~nam_lightning.functional.bn_nam_channel_gate`); in eval mode under no gradient
     (validation, inference) both apply their running statistics in one pass
     (:func:`~nam_lightning.functional.eval_bn_channel_gate`). ``fuse=False`` turns both off.
+    Training on a small feature map runs PyTorch's operators
+    (:func:`~nam_lightning.kernels.choose_path` decides).
     """
 
     def __init__(self, module: nn.Module, nam: NAM, *, fuse: bool = True) -> None:
@@ -242,6 +246,8 @@ class NAMSite(nn.Module):
         path = kernels.choose_path(x, channel.bn, self.module) if self.fuse else Path.PLAIN
         if path is Path.FUSED:
             y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
+        elif path is Path.SMALL:
+            y = functional.scaled_bn_gate(self.module(x), channel.bn, channel.weights())
         elif path is Path.EVAL_FUSED:
             y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.pruned_mass)
         else:

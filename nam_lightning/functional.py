@@ -20,9 +20,10 @@ saving only its input ``z``, and recomputes the cheap rest in backward. It cover
 The per-channel coefficients (``C`` values) are computed inside the statistics kernel, and
 their derivatives, written out by the chain rule, inside the first backward kernel: gradients
 reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in the unfused
-formula, and a site makes four compiled calls and no small eager operators (those cost more
-than the arithmetic on small feature maps). Running statistics are updated as
-``nn.BatchNorm2d`` does.
+formula, and a site makes four compiled calls and few small eager operators. Running
+statistics are updated as ``nn.BatchNorm2d`` does. On a small feature map the compiled calls'
+fixed cost exceeds what they save, and a training step runs PyTorch's operators instead
+(:func:`scaled_bn_gate`; :func:`nam_lightning.kernels.choose_path` decides).
 
 In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
 running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kernels import Kernel
@@ -294,6 +296,30 @@ def bn_nam_channel_gate(
     _update_running_stats(bn, mean, var, count)
     _update_running_stats(nam_bn, _view(bn.bias.detach()), var_x, count)  # NAM's mean: beta1
     return y
+
+
+def scaled_bn_gate(x: torch.Tensor, bn: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """``x * sigmoid(w * bn(x))`` with ``bn`` a BatchNorm in training mode, in PyTorch's
+    operators: ``w * bn(x)`` is ``bn`` with its affine step scaled by ``w``, one operator instead
+    of a pass more each way. Its running statistics are updated as its own forward does."""
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    tracked = bn.track_running_stats
+    if tracked and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative moving average
+            factor = 1 / float(bn.num_batches_tracked)
+    z = F.batch_norm(
+        x,
+        bn.running_mean if tracked else None,
+        bn.running_var if tracked else None,
+        bn.weight * w,
+        bn.bias * w,
+        True,
+        factor,
+        bn.eps,
+    )
+    return x * torch.sigmoid(z)
 
 
 # --- eval mode: the gate from the running statistics, one pass over memory ---------------------

@@ -136,14 +136,24 @@ class Kernel:
 
 class Path(enum.Enum):
     """How NAM runs at one call. "Alone": NAM on its own input ``x`` (its BatchNorm normalises
-    ``x``); "fused": NAM together with the BatchNorm before it, from that BatchNorm's input."""
+    ``x``); "fused": NAM together with the BatchNorm before it, from that BatchNorm's input.
+    The kernels' training paths keep only their input for backward; the small and plain paths
+    keep what PyTorch's operators keep (two more activation-sized tensors per site)."""
 
     ALONE = "alone"  # training: the gate's kernels, saving only x
     FUSED = "fused"  # training: both BatchNorms and the gate in the kernels, saving only z
+    SMALL = "small"  # training, small map: PyTorch's operators (a site: its module, then NAM)
     EVAL_ALONE = "eval alone"  # no gradient: the gate from running statistics, one pass
     EVAL_FUSED = "eval fused"  # the same with the BatchNorm before it folded in
     PLAIN = "plain"  # PyTorch's operators (for a site: its module, then NAM on its own)
 
+
+# A training step on a feature map of at most this many elements takes Path.SMALL (in
+# float32/float64): each compiled call has a fixed cost (Dynamo's guards, the wrappers around the
+# compiled code) which, on maps this small, exceeds what its fewer passes over memory save, while
+# the two extra activations the operators keep for backward are small. docs/performance.md has
+# the measurements.
+SMALL_MAP = 2**17
 
 # Under torch.compile(model) the training function is traced into the model's graph. torch
 # 2.14 traces it exactly (tests/test_functional.py); Dynamo of torch 2.11 mis-wires its saved
@@ -160,19 +170,30 @@ def choose_path(x: torch.Tensor, nam_bn: nn.Module, bn: nn.Module | None = None)
     (:func:`_kernel_dtypes`), in two cases: every BatchNorm plain, affine and in training mode
     under autograd (SyncBatchNorm needs its cross-device statistics: not covered), or every
     BatchNorm normalising with running statistics under no gradient (under autograd in eval
-    mode the plain operators run, so gradients stay PyTorch's). Anything else is
-    :attr:`Path.PLAIN`.
+    mode the plain operators run, so gradients stay PyTorch's). Training on a float32/float64
+    map of at most :data:`SMALL_MAP` elements takes :attr:`Path.SMALL` instead (a low-precision
+    map keeps the kernels, which round once). Anything else is :attr:`Path.PLAIN`.
     """
     norms = (nam_bn,) if bn is None else (bn, nam_bn)
     if torch.is_grad_enabled():
-        applies = (TRACEABLE or not torch.compiler.is_compiling()) and all(map(_trains, norms))
-        path = Path.ALONE if bn is None else Path.FUSED
+        compiling = torch.compiler.is_compiling()
+        applies = (TRACEABLE or not compiling) and all(map(_trains, norms))
+        if compiling or not _small(x):
+            path = Path.ALONE if bn is None else Path.FUSED
+        else:
+            path = Path.SMALL
     else:
         applies = all(map(_uses_running_stats, norms))
         path = Path.EVAL_ALONE if bn is None else Path.EVAL_FUSED
     if applies and x.dim() == 4 and all(_kernel_dtypes(x, m) for m in norms):
         return path
     return Path.PLAIN
+
+
+def _small(x: torch.Tensor) -> bool:
+    """A float32/float64 map of at most :data:`SMALL_MAP` elements (under torch.compile(model)
+    the rule is not applied: a size test would add a guard to the model's graph)."""
+    return x.numel() <= SMALL_MAP and x.dtype in (torch.float32, torch.float64)
 
 
 def _plain_bn(bn: nn.Module) -> bool:

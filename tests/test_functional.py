@@ -16,6 +16,14 @@ from nam_lightning.functional import gate_forward, gate_input_grad
 from nam_lightning.kernels import Kernel
 
 DT = torch.float64
+SMALL_MAP = kernels.SMALL_MAP  # as the library has it; tests below set it per test
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on_tiny_maps(monkeypatch) -> None:
+    """The kernels' exactness is checked on tiny maps, where training would otherwise run
+    PyTorch's operators (see test_small_maps_train_with_pytorch_operators)."""
+    monkeypatch.setattr(kernels, "SMALL_MAP", 0)
 
 
 def site(detach: bool, momentum: float | None = 0.1, pruned: float = 0.0) -> NAMSite:
@@ -37,12 +45,15 @@ def tensors(s: NAMSite) -> list[torch.Tensor]:
     return [bn1.running_mean, bn1.running_var, bn2.running_mean, bn2.running_var]
 
 
+@pytest.mark.parametrize("small", [False, True], ids=["kernels", "small map"])
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused", "alone"])
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "differentiable"])
 @pytest.mark.parametrize(("momentum", "pruned"), [(0.1, 0.0), (None, 0.7)])
 def test_paths_equal_the_formula(
-    fuse: bool, detach: bool, momentum: float | None, pruned: float
+    monkeypatch, small: bool, fuse: bool, detach: bool, momentum: float | None, pruned: float
 ) -> None:
+    if small:
+        monkeypatch.setattr(kernels, "SMALL_MAP", SMALL_MAP)
     ours = site(detach, momentum, pruned)
     ours.fuse = fuse
     ref = copy.deepcopy(ours)
@@ -284,6 +295,44 @@ def test_kernel_input_errors_propagate_and_keep_it_compiled(monkeypatch) -> None
     with pytest.raises(RuntimeError, match="size of tensor"):
         kernel(torch.randn(2, 3, 4, 4), *bad)
     assert kernel.enabled
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "alone"])
+def test_small_maps_train_with_pytorch_operators(monkeypatch, fuse: bool) -> None:
+    """Up to SMALL_MAP elements a float32/float64 training step calls no kernel (its numbers:
+    test_paths_equal_the_formula); one element more, and it takes the kernels."""
+    from unittest import mock
+
+    ours = site(detach=False).float()
+    ours.fuse = fuse
+    for elements, kernels_called in [(SMALL_MAP, False), (SMALL_MAP + 6 * 5, True)]:
+        monkeypatch.setattr(kernels, "SMALL_MAP", SMALL_MAP)
+        x = torch.randn(1, 6, 5, elements // 30, requires_grad=True)
+        with mock.patch.object(kernels.Kernel, "__call__", autospec=True) as call:
+            call.side_effect = lambda kernel, *args: kernel.fn(*args)
+            ours(x).sum().backward()
+        assert call.called is kernels_called, elements
+
+
+def test_the_size_rule_picks_the_kernels_above_small_map_and_in_low_precision(
+    monkeypatch,
+) -> None:
+    from nam_lightning.kernels import Path, choose_path
+
+    monkeypatch.setattr(kernels, "SMALL_MAP", 100)
+    bn, nam_bn = nn.BatchNorm2d(1), nn.BatchNorm2d(1)
+    for n, dtype, expected in [
+        (100, torch.float32, Path.SMALL),
+        (101, torch.float32, Path.FUSED),
+        (100, torch.float64, Path.SMALL),
+        (100, torch.bfloat16, Path.FUSED),  # the kernels round once; the operators do not
+    ]:
+        x = torch.zeros(1, 1, 1, n, dtype=dtype)
+        assert choose_path(x, nam_bn, bn) is expected, (n, dtype)
+        alone = Path.ALONE if expected is Path.FUSED else expected
+        assert choose_path(x, nam_bn) is alone, (n, dtype)
+    with torch.no_grad():  # inference keeps its one-pass kernels at any size
+        assert choose_path(torch.zeros(1, 1, 1, 1), nam_bn.eval(), bn.eval()) is Path.EVAL_FUSED
 
 
 def test_fuse_flag_travels_through_injection_and_the_record() -> None:
