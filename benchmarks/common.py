@@ -21,6 +21,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
+def image_parser(doc: str | None, repeats: int, repeats_help: str) -> argparse.ArgumentParser:
+    """A parser with the options every resnet50 benchmark takes: ``--batch`` (8), ``--size``
+    (224), ``--repeats`` and ``--threads`` (2); its description is ``doc``'s first paragraph."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"{repeats_help} ({repeats})")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return parser
+
+
 def parse_args(
     parser: argparse.ArgumentParser, positive: tuple[str, ...], malloc_option: bool = False
 ) -> argparse.Namespace:

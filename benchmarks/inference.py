@@ -58,7 +58,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile
@@ -68,7 +67,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import module_inputs, paired_medians, parse_args, timed_forward
+from common import image_parser, module_inputs, paired_medians, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
@@ -76,6 +75,7 @@ from train_step import StraightforwardNAM, add_straightforward_nam
 from nam_lightning import NAMSite, inject_nam, prune_channels
 from nam_lightning.fold import FoldedNAM, fold_nam
 from nam_lightning.functional import bn_affine, normalised_abs
+from nam_lightning.pipeline import export_onnx
 
 TARGET = 1.03  # folded latency / latency without NAM
 
@@ -160,21 +160,6 @@ def onnx_form(model: nn.Module) -> nn.Module:
     return result
 
 
-def export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
-    """``model`` exported as nam_lightning.pipeline.export_model writes ``model.onnx``."""
-    torch.onnx.export(
-        model,
-        (x,),
-        str(path),
-        input_names=["images"],
-        output_names=["logits"],
-        dynamo=True,
-        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-        verbose=False,
-    )
-    return path
-
-
 class OnnxRuntimeModel:
     """An exported model under onnxruntime on the CPU, called as a PyTorch model is."""
 
@@ -200,11 +185,7 @@ def onnxruntime_version() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed forward passes (7)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser = image_parser(__doc__, 7, "timed forward passes")
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -269,7 +250,8 @@ def main() -> None:
             }
             for i, (key, model) in enumerate(exported.items()):
                 start = time.perf_counter()
-                path = export_onnx(model, x, Path(tmp) / f"{i}.onnx")
+                path = Path(tmp) / f"{i}.onnx"
+                export_onnx(model, x, path)  # as `nam-lightning run` writes model.onnx
                 export_s[key] = time.perf_counter() - start
                 models[f"{key}, onnxruntime"] = OnnxRuntimeModel(path, args.threads)
         seconds: dict[str, list[float]] = {key: [] for key in models}

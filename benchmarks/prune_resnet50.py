@@ -49,7 +49,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -58,7 +57,7 @@ from typing import Any
 
 import torch
 import torchvision
-from common import module_inputs, paired_medians, parse_args, timed_forward
+from common import image_parser, module_inputs, paired_medians, parse_args, timed_forward
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
@@ -149,11 +148,7 @@ def print_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed forward passes (7)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser = image_parser(__doc__, 7, "timed forward passes")
     parser.add_argument(
         "--compile",
         action="store_true",

@@ -22,7 +22,6 @@ Run from the repository root::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 import torch_pruning as tp
 import torchvision
-from common import parse_args, take_turns
+from common import image_parser, parse_args, take_turns
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -59,11 +58,7 @@ def torch_pruning(model: nn.Module, x: torch.Tensor) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (224)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (3)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser = image_parser(__doc__, 3, "timed runs of each")
     args = parse_args(parser, positive=("batch", "size", "repeats", "threads"))
     torch.manual_seed(0)
 

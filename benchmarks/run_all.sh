@@ -5,7 +5,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 # the CPU benchmarks; gpu.py needs a CUDA GPU and runs on its own
-scripts=(penalty_step.py prune_speed.py prune_resnet50.py train_step.py inference.py soak.py)
+scripts=(penalty_step.py prune_speed.py prune_resnet50.py train_step.py eval_sizes.py inference.py soak.py)
 for script in "${scripts[@]}"; do
     echo
     echo "================================================================"

@@ -222,12 +222,8 @@ class FakeDataModule(_Base):
     num_channels = 3
 
     def __init__(
-        self,
-        num_samples: int = 256,
-        image_size: int = 32,
-        num_classes: int = 10,
-        batch_size: int = 32,
-        num_workers: int = 0,
+        self, num_samples: int = 256, image_size: int = 32, num_classes: int = 10,
+        batch_size: int = 32, num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers)
         self.num_samples, self.image_size, self.num_classes = num_samples, image_size, num_classes

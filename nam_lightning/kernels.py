@@ -148,11 +148,11 @@ class Path(enum.Enum):
     PLAIN = "plain"  # PyTorch's operators (for a site: its module, then NAM on its own)
 
 
-# A training step on a feature map of at most this many elements takes Path.SMALL (in
-# float32/float64): each compiled call has a fixed cost (Dynamo's guards, the wrappers around the
-# compiled code) which, on maps this small, exceeds what its fewer passes over memory save, while
-# the two extra activations the operators keep for backward are small. docs/performance.md has
-# the measurements.
+# A feature map of at most this many elements (float32/float64) runs PyTorch's operators, in a
+# training step (Path.SMALL) and in inference (Path.PLAIN): each compiled call has a fixed cost
+# (Dynamo's guards, the wrappers around the compiled code) which, on maps this small, exceeds what
+# its fewer passes over memory save, while the two extra activations the operators keep for
+# backward are small. docs/performance.md has the measurements.
 SMALL_MAP = 2**17
 
 # Under torch.compile(model) the training function is traced into the model's graph. torch
@@ -170,20 +170,19 @@ def choose_path(x: torch.Tensor, nam_bn: nn.Module, bn: nn.Module | None = None)
     (:func:`_kernel_dtypes`), in two cases: every BatchNorm plain, affine and in training mode
     under autograd (SyncBatchNorm needs its cross-device statistics: not covered), or every
     BatchNorm normalising with running statistics under no gradient (under autograd in eval
-    mode the plain operators run, so gradients stay PyTorch's). Training on a float32/float64
-    map of at most :data:`SMALL_MAP` elements takes :attr:`Path.SMALL` instead (a low-precision
-    map keeps the kernels, which round once). Anything else is :attr:`Path.PLAIN`.
+    mode the plain operators run, so gradients stay PyTorch's). On a float32/float64 map of at
+    most :data:`SMALL_MAP` elements, training takes :attr:`Path.SMALL` instead and inference
+    :attr:`Path.PLAIN` (a low-precision map keeps the kernels, which round once). Anything else
+    is :attr:`Path.PLAIN`.
     """
     norms = (nam_bn,) if bn is None else (bn, nam_bn)
+    compiling = torch.compiler.is_compiling()
+    small = not compiling and _small(x)
     if torch.is_grad_enabled():
-        compiling = torch.compiler.is_compiling()
         applies = (TRACEABLE or not compiling) and all(map(_trains, norms))
-        if compiling or not _small(x):
-            path = Path.ALONE if bn is None else Path.FUSED
-        else:
-            path = Path.SMALL
-    else:
-        applies = all(map(_uses_running_stats, norms))
+        path = Path.SMALL if small else Path.ALONE if bn is None else Path.FUSED
+    else:  # on a small map the operators are the faster way here too: Path.PLAIN
+        applies = not small and all(map(_uses_running_stats, norms))
         path = Path.EVAL_ALONE if bn is None else Path.EVAL_FUSED
     if applies and x.dim() == 4 and all(_kernel_dtypes(x, m) for m in norms):
         return path

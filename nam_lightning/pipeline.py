@@ -249,21 +249,28 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """``model`` (whose ``forward`` takes ``x``) as ONNX at ``path``: input ``images`` of any
+    batch size, output ``logits``; needs the ``onnx`` and ``onnxscript`` packages."""
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamo=True,
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        verbose=False,
+    )
+
+
 def _export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
     """ONNX (checked against PyTorch with onnxruntime when installed), else ``torch.export``."""
     model = model.cpu().eval()
     example = batch[:2]
     path = run_dir / "model.onnx"
     try:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=["logits"],
-            dynamo=True,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-        )
+        export_onnx(model, example, path)
     except Exception:  # no onnx/onnxscript installed: the torch.export program instead
         if path.exists():
             path.unlink()

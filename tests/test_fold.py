@@ -36,6 +36,13 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on_tiny_maps(monkeypatch) -> None:
+    """The eval kernels are checked on small maps, where a NAM site would otherwise run
+    PyTorch's operators (kernels.SMALL_MAP; tests/test_functional.py checks that rule)."""
+    monkeypatch.setattr(kernels, "SMALL_MAP", 0)
+
+
 def build(name: str, spatial: bool = False, x: torch.Tensor | None = None) -> nn.Module:
     """A torchvision model with NAM and random BatchNorms, in eval mode."""
     model = getattr(torchvision.models, name)(weights=None, num_classes=10)
@@ -281,7 +288,7 @@ def test_eval_inference_without_a_site_batchnorm_and_with_fuse_off():
 
 
 @pytest.mark.parametrize("case", ["training", "grad", "bfloat16", "no_running_stats"])
-def test_eval_kernels_stay_out_where_they_do_not_apply(case, monkeypatch):
+def test_eval_kernels_stay_out_where_they_do_not_apply(case):
     """Training mode, autograd (gradients stay PyTorch's) and low precision run no eval kernel;
     a site BatchNorm that normalises with batch statistics in eval mode is not fused, and NAM
     after it gates on its own."""
@@ -292,7 +299,6 @@ def test_eval_kernels_stay_out_where_they_do_not_apply(case, monkeypatch):
     x = torch.randn(2, 4, 3, 3)
     if case == "bfloat16":
         model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
-    monkeypatch.setattr(kernels, "SMALL_MAP", 0)  # training on this tiny map takes the kernels
     with kernel_calls() as calls, torch.set_grad_enabled(case in ("training", "grad")):
         model(x)
     eval_kernels = [

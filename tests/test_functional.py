@@ -331,8 +331,17 @@ def test_the_size_rule_picks_the_kernels_above_small_map_and_in_low_precision(
         assert choose_path(x, nam_bn, bn) is expected, (n, dtype)
         alone = Path.ALONE if expected is Path.FUSED else expected
         assert choose_path(x, nam_bn) is alone, (n, dtype)
-    with torch.no_grad():  # inference keeps its one-pass kernels at any size
-        assert choose_path(torch.zeros(1, 1, 1, 1), nam_bn.eval(), bn.eval()) is Path.EVAL_FUSED
+    nam_bn.eval(), bn.eval()
+    with torch.no_grad():  # inference: the one-pass kernels above SMALL_MAP, else the operators
+        for n, dtype, expected in [
+            (100, torch.float32, Path.PLAIN),
+            (101, torch.float32, Path.EVAL_FUSED),
+            (100, torch.bfloat16, Path.EVAL_FUSED),
+        ]:
+            x = torch.zeros(1, 1, 1, n, dtype=dtype)
+            assert choose_path(x, nam_bn, bn) is expected, (n, dtype)
+            alone = Path.EVAL_ALONE if expected is Path.EVAL_FUSED else expected
+            assert choose_path(x, nam_bn) is alone, (n, dtype)
 
 
 def test_fuse_flag_travels_through_injection_and_the_record() -> None:

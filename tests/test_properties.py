@@ -684,12 +684,8 @@ def coupled_groups(model: GeneratedNet, x: torch.Tensor) -> list[CoupledGroup]:
                     for m, fn in layers
                     if isinstance(m, nn.Conv2d) and graph.is_out_channel_pruning_fn(fn)
                 ),
-                graph=graph,
-                module=root,
-                handler=handler,
-                names=names,
-                held=held,
-                whole=whole,
+                graph=graph, module=root, handler=handler,  # the traced copy's
+                names=names, held=held, whole=whole,
             )
         )
     return groups
