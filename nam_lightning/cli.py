@@ -209,6 +209,7 @@ class _NAMLightningCLI(LightningCLI):
         finetune_lr: float = 0.01,
         run_dir: str | None = None,
         overwrite: bool = False,
+        export: bool = True,
     ) -> None:
         """Train with NAM and the L1 penalty, prune, fine-tune, test each stage, write a report.
 
@@ -217,6 +218,7 @@ class _NAMLightningCLI(LightningCLI):
             finetune_lr: learning rate fine-tuning starts at (cosine decay, no warm-up).
             run_dir: where artifacts go (default: runs/<date-time>).
             overwrite: replace the artifacts of an existing run directory.
+            export: also write the fine-tuned model as ``model.onnx`` (a few seconds).
         """
         assert run_dir is not None
         summary = run_pipeline(
@@ -225,6 +227,7 @@ class _NAMLightningCLI(LightningCLI):
             lambda stage, sparsity: self._stage_trainer(stage, sparsity),
             finetune_lr,
             Path(run_dir),
+            export,
         )
         rank_zero_info(f"\n{render_markdown(summary)}\nArtifacts in {run_dir}/")
 

@@ -124,8 +124,10 @@ def run_pipeline(
     make_trainer: Callable[[str, bool], pl.Trainer],
     finetune_lr: float,
     run_dir: Path,
+    export: bool = True,
 ) -> dict[str, Any]:
-    """Train with sparsity, prune, fine-tune; measure each stage and write the artifacts.
+    """Train with sparsity, prune, fine-tune; measure each stage and write the artifacts (with
+    ``export``, the fine-tuned model as ONNX too).
 
     ``make_trainer(stage, sparsity)`` builds the Trainer of a stage: ``"train"`` with a
     :class:`~nam_lightning.NAMCallback` that prunes when training ends (its ``prune``), and
@@ -170,7 +172,8 @@ def run_pipeline(
         "batch_shape": list(batch.shape),
     }
     if trainer.is_global_zero:
-        summary["export"] = _export_model(model, batch, run_dir)
+        exported = _export_model(model, batch, run_dir) if export else "none (export=false)"
+        summary["export"] = exported
         summary["plots"] = _write_plots(
             run_dir, gammas_init, gammas_trained, report, _metrics_files(run_dir)
         )

@@ -106,8 +106,9 @@ def _assert_export_matches(run_dir: Path, model: torch.nn.Module, x: torch.Tenso
     assert float((got - want).abs().max()) <= 1e-4
 
 
-def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
-    """Everything ``run`` promises in its run directory; returns report.json."""
+def assert_run_artifacts(run_dir: Path, num_classes: int, exported: bool = True) -> dict[str, Any]:
+    """Everything ``run`` promises in its run directory (the exported model if ``exported``);
+    returns report.json."""
     report = json.loads((run_dir / "report.json").read_text())
     stages = report["stages"]
     assert [s["name"] for s in stages] == STAGES
@@ -144,8 +145,11 @@ def assert_run_artifacts(run_dir: Path, num_classes: int) -> dict[str, Any]:
         "fine-tuning changed no weight"
     )
 
-    _assert_export_matches(run_dir, models["finetuned"], x)
-    assert ("model.onnx" if _HAS_ONNX else "model.pt2") in report["export"]
+    if exported:
+        _assert_export_matches(run_dir, models["finetuned"], x)
+        assert ("model.onnx" if _HAS_ONNX else "model.pt2") in report["export"]
+    else:  # run --export=false
+        assert report["export"] == "none (export=false)" and not list(run_dir.glob("model.*"))
 
     for name in ("gamma_hist.png", "channels.png", "accuracy.png"):
         _assert_png(run_dir / name)

@@ -158,9 +158,12 @@ def test_runs_in_two_directories_do_not_interfere(digits_run: Path, tmp_path: Pa
         "--finetune_epochs=1",
         "--seed_everything=1",
         "--data.seed=1",
+        "--export=false",
         f"--run_dir={other}",
     )
     assert (other / "report.md").is_file() and (other / "finetuned.ckpt").is_file()
+    assert not list(other.glob("model.*"))  # nothing exported when not asked for
+    assert json.loads((other / "report.json").read_text())["export"] == "none (export=false)"
     assert snapshot(digits_run) == before
     first = tensors(torch.load(digits_run / "finetuned.ckpt", weights_only=True)["state_dict"])
     second = tensors(torch.load(other / "finetuned.ckpt", weights_only=True)["state_dict"])
