@@ -1,7 +1,12 @@
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n`: the workers share the cores; one intra-op thread each (see one_thread)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,12 @@
 
 The two jobs (different seeds, so different results) start together as subprocesses
 (``python -m nam_lightning.cli run``, one torch thread each) and write to two directories. Both
-must succeed, each directory must hold the full artifacts, and each must hold exactly what the
-same command writes when it runs alone, one after the other:
+must succeed and each directory must hold the full artifacts; the first must hold exactly what
+the same command writes when it runs alone (the jobs are alike but for their seeds: the second
+is checked only for differing from the first, to save a third run):
 
-- byte for byte: metrics CSVs, hparams, the PNG plots, the exported model;
+- byte for byte: metrics CSVs, hparams, the PNG plots (no ONNX export: ``--export=false``;
+  test_cli.py checks the exported model);
 - every tensor (weights, optimizer and scheduler state) and every other value of every
   checkpoint, once the run directory's path in them (``ModelCheckpoint``'s ``dirpath``,
   ``best_model_path``, ...) is replaced by a placeholder;
@@ -39,7 +41,7 @@ from nam_lightning.pipeline import render_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RUN = [*TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1"]
+RUN = [*TINY, *DIGITS, *AMOUNT, "--finetune_epochs=1", "--export=false"]
 JOBS = {"a": [], "b": ["--seed_everything=1", "--data.seed=1"]}
 TIMINGS = {
     "latency_ms",
@@ -213,15 +215,14 @@ def test_two_runs_at_the_same_time_match_runs_done_alone(tmp_path: Path) -> None
     assert refused_while_writing, "job 'a' had already finished when the third run was refused"
 
     for run_dir in together.values():
-        assert_run_artifacts(run_dir, num_classes=10)
+        assert_run_artifacts(run_dir, num_classes=10, exported=False)
     assert not list((tmp_path / "together").glob("runs"))  # nothing went to a default directory
 
-    # the same two runs, alone, one after the other
+    # the first run again, alone
     (tmp_path / "alone").mkdir()
-    for name, args in JOBS.items():
-        alone = tmp_path / "alone" / name
-        run_alone([*RUN, *args], alone)
-        assert_same_run(together[name], alone)
+    alone = tmp_path / "alone" / "a"
+    run_alone([*RUN, *JOBS["a"]], alone)
+    assert_same_run(together["a"], alone)
 
     # the two jobs did differ: equal results above are not two copies of one run
     first = torch.load(together["a"] / "finetuned.ckpt", weights_only=True)["state_dict"]

@@ -365,7 +365,9 @@ def test_a_compiled_model_trains_as_the_eager_one(monkeypatch, traceable: bool) 
     """Under ``torch.compile(model)`` (``ImageClassifier(compile=True)``) the sites' autograd
     function is traced into the model's graph, or, on a torch older than 2.14 (whose Dynamo
     mis-wired it), the sites run the plain operators: same loss, gradients and running
-    statistics as the eager model with its kernels."""
+    statistics as the eager model with its kernels. The graph is run by AOTAutograd without
+    Inductor's code generation (``backend="aot_eager"``): the tracing is what is tested (the
+    kernels' compiled code is, above), and generating C++ for a whole model costs ~40 s here."""
     from nam_lightning import inject_nam
     from nam_lightning.models import small_resnet
 
@@ -377,7 +379,7 @@ def test_a_compiled_model_trains_as_the_eager_one(monkeypatch, traceable: bool) 
     eager = small_resnet(10, in_channels=1)
     inject_nam(eager)
     traced = copy.deepcopy(eager)
-    compiled = torch.compile(traced)
+    compiled = torch.compile(traced, backend="aot_eager")
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     for _ in range(2):  # the running statistics move between the steps
         losses = [nn.functional.cross_entropy(m(x), y) for m in (eager, compiled)]
