@@ -74,7 +74,7 @@ from train_step import StraightforwardNAM, add_straightforward_nam
 
 from nam_lightning import NAMSite, inject_nam, prune_channels
 from nam_lightning.fold import FoldedNAM, fold_nam
-from nam_lightning.functional import bn_affine, normalised_abs
+from nam_lightning.functional import bn_state, eval_nam_constants
 from nam_lightning.pipeline import export_onnx
 
 TARGET = 1.03  # folded latency / latency without NAM
@@ -130,21 +130,14 @@ class OnnxNAM(nn.Module):
         self.bn = copy.deepcopy(site.module)
         channel = site.nam.channel
         bn = channel.bn
-        assert bn.running_mean is not None and bn.running_var is not None
         with torch.no_grad():  # in float64, rounded once, as fold_nam works out its constants
-            scale, shift = bn_affine(
-                bn.running_mean.double(),
-                bn.running_var.double(),
-                bn.eps,
-                bn.weight.double(),
-                bn.bias.double(),
-            )
-            w = normalised_abs(bn.weight.double(), channel.pruned_mass.double())
-            c = w.numel()
+            state = [t.double() if isinstance(t, torch.Tensor) else t for t in bn_state(bn)]
+            scale, shift = eval_nam_constants(channel.pruned_mass.double(), *state)
+            c = scale.numel()
             self.gate = nn.Conv2d(c, c, kernel_size=1, groups=c)
-            self.gate.weight.copy_((w * scale).view(c, 1, 1, 1))
+            self.gate.weight.copy_(scale.view(c, 1, 1, 1))
             assert self.gate.bias is not None
-            self.gate.bias.copy_(w * shift)
+            self.gate.bias.copy_(shift)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (N, C, H, W)
         x = self.bn(z)

@@ -420,7 +420,6 @@ class NAMCallback(Callback):
         if self._decay is None:
             metrics["nam/l1_penalty"] = self.lambda_ * l1_norm(params)
         else:
-            assert self._decay is not None
             metrics["nam/lambda"] = self.lambda_ if self._decay.active else 0.0
             if self._decay.share is not None:
                 metrics["nam/pruned_mass"] = self._decay.share

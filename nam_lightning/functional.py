@@ -340,7 +340,7 @@ def normalised_abs(scale: torch.Tensor, removed: torch.Tensor | None = None) -> 
     return magnitude / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def bn_affine(
+def _bn_affine(
     mean: torch.Tensor,
     var: torch.Tensor,
     eps: float,
@@ -375,7 +375,7 @@ def bn_state(bn: nn.Module) -> BNState:
 def eval_nam_constants(removed: torch.Tensor | None, *nam_bn: Any) -> tuple[torch.Tensor, ...]:
     """``(a, b)`` of a NAM gate in eval mode, ``x * sigmoid(a * x + b)``, from its BatchNorm (a
     BNState) and the ``pruned_mass`` of its weights (None for the spatial gate)."""
-    scale, shift = bn_affine(*nam_bn)
+    scale, shift = _bn_affine(*nam_bn)
     w = normalised_abs(nam_bn[3], removed)
     return w * scale, w * shift
 
@@ -384,7 +384,7 @@ def eval_site_constants(removed: torch.Tensor, *states: Any) -> tuple[torch.Tens
     """``(p, q, alpha, beta)`` of a site in eval mode, ``y = (alpha * z + beta) *
     sigmoid(p * z + q)`` from the site BatchNorm's input ``z``; ``states``: the BNStates of the
     site's BatchNorm and of NAM's."""
-    alpha, beta = bn_affine(*states[:5])
+    alpha, beta = _bn_affine(*states[:5])
     a, b = eval_nam_constants(removed, *states[5:])
     return a * alpha, a * beta + b, alpha, beta
 
