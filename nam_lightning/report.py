@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from .utils import as_args, eval_mode
@@ -65,24 +66,13 @@ def count_forward(model: nn.Module, example_inputs: Any) -> ForwardCount:
             stack.enter_context(leaf.register_forward_pre_hook(before))
             stack.enter_context(leaf.register_forward_hook(after))
         output = model(*as_args(example_inputs))
-    first = next(iter(_tensors(output)), None)
+    first = next((t for t in tree_leaves(output) if isinstance(t, torch.Tensor)), None)
     return ForwardCount(
         flops=int(counter.get_total_flops()),
         layer_flops=layer_flops,
         last_layer=ran[-1] if ran else None,
         output_batch=int(first.shape[0]) if first is not None and first.dim() else None,
     )
-
-
-def _tensors(output: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output (a tensor, or a tuple, list or dict holding them)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _tensors(item)]
-    return []
 
 
 def measure_latency(model: nn.Module, example_inputs: Any, repeats: int = 5) -> float:

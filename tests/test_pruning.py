@@ -312,6 +312,38 @@ def test_flops_outside_the_layers_are_counted_and_the_target_still_met(
     assert cuts_to_flops_target(monkeypatch, model, torch.randn(2, 3, 16, 16), 0.5) == 2
 
 
+class DictOutput(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+class BatchMix(DictOutput):
+    """Samples mixed by matrix products (FLOPs growing with the square of the batch), and a row
+    per class, not per sample: one sample's count does not scale to the batch."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.net(x)
+        return {"logits": ((f @ f.T) @ f).T}
+
+
+@pytest.mark.parametrize("wrapper", [DictOutput, BatchMix], ids=["per sample", "mixed"])
+def test_flops_reported_are_those_of_the_whole_batch(wrapper: type[nn.Module]) -> None:
+    """The FLOPs are counted on one sample and scaled by the batch where the output has a row
+    per sample, and on the whole batch where it does not: either way the report gives the
+    batch's FLOPs, as counting the batch directly does."""
+    model = wrapper(randomise_bns(tiny_net()))
+    x = torch.randn(4, 3, 8, 8)
+    before = count_flops(model, x)
+    assert (count_flops(model, x[:1]) * 4 == before) is (wrapper is DictOutput)
+    report = prune_channels(model, x, 0.25, measure=False)
+    assert report.flops_before == before
+    assert report.flops_after == count_flops(model, x) < before
+
+
 def test_unreachable_flops_target_fails_untouched() -> None:
     model = randomise_bns(tiny_net())
     before = snapshot(model)
