@@ -29,6 +29,19 @@ penalty can be aimed instead:
    bites (the scale factors, slowed by momentum, keep moving for a while after lambda stops
    rising; a sudden removal costs accuracy the network must then win back). A wrong start is
    corrected by a factor of 100 in ``ln(100) / ln(1 + rate)`` steps (95 with the default).
+5. Band: under SGD a gradient ``lambda * gamma`` shrinks gamma by about
+   ``lr * lambda / (1 - momentum)`` per step once momentum has built up, so lambda is held
+   where that shrink, with no loss gradient resisting, is between ``min_speed`` and
+   ``max_speed`` times the schedule's mean pace per step (the floor only until ``settle``).
+   The cap stops a start far too large from emptying the planned channels before the
+   controller, which sees a fall only after the optimizer made it, can back off (momentum
+   carries a decay on for about ``1 / (1 - momentum)`` steps); measured on the default job,
+   lambda 1.0 at the first plan took validation accuracy from 99.4% to 92.8% in one epoch.
+   The floor stops lambda from collapsing while the share is ahead of the schedule, from where
+   climbing back at ``1 + rate`` a step would take the controller hundreds of steps, and the
+   share would then fall late and fast. A start 100x too small or too large so begins inside
+   the band. Optimizers that normalise their steps (Adam and the like) bound the shrink by
+   their learning rate themselves; for them lambda has no band.
 
 :class:`AutoLambda` holds the settings and the controller (numbers only);
 :class:`PlannedDecay` plans, measures the share and applies the decay with it, on any model
@@ -57,8 +70,9 @@ class AutoLambda:
     """Settings and state of the target-driven lambda (``NAMCallback(lambda_="auto")``).
 
     Attributes:
-        start: lambda at the first plan. A start 100x too small or too large is corrected
-            within about ``ln(100) / ln(1 + rate)`` optimizer steps.
+        start: lambda at the first plan. Under SGD it is first brought into the band
+            (``min_speed``, ``max_speed``); otherwise a start 100x too small or too large is
+            corrected within about ``ln(100) / ln(1 + rate)`` optimizer steps.
         rate: relative change of lambda per optimizer step (multiplicative).
         warmup: fraction of the training steps before the first plan (no penalty).
         settle: fraction of the training steps by which the planned channels' share of the
@@ -66,6 +80,10 @@ class AutoLambda:
         final_share: the share of the ``|gamma|`` mass left in the planned channels at the end.
         replan: fraction of the training steps between two plans.
         horizon: fraction of the training steps over which a gap to the schedule is closed.
+        min_speed: the floor of lambda under SGD until ``settle``, as the fall per step the
+            decay alone would cause, in multiples of the schedule's mean pace (see the
+            module's notes).
+        max_speed: the cap of lambda under SGD, in the same units.
     """
 
     start: float = 1e-2
@@ -75,6 +93,8 @@ class AutoLambda:
     final_share: float = 1e-3
     replan: float = 0.05
     horizon: float = 0.05
+    min_speed: float = 0.1
+    max_speed: float = 2.0
     # state (not constructor arguments)
     lambda_: float = field(default=0.0, init=False)
     first_step: int | None = field(default=None, init=False)
@@ -84,6 +104,12 @@ class AutoLambda:
     def __post_init__(self) -> None:
         check_finite_float("start", self.start)
         check_finite_float("rate", self.rate)
+        check_finite_float("min_speed", self.min_speed)
+        check_finite_float("max_speed", self.max_speed)
+        if self.min_speed > self.max_speed:
+            raise ValueError(
+                f"`min_speed` ({self.min_speed}) must be at most `max_speed` ({self.max_speed})"
+            )
         for name in ("warmup", "settle", "final_share", "replan", "horizon"):
             check_fraction(name, getattr(self, name))
         if self.warmup >= self.settle:
@@ -106,7 +132,7 @@ class AutoLambda:
         """The share of the ``|gamma|`` mass the planned channels should hold at ``step``."""
         if self.first_step is None or self.first_share is None:
             return math.inf
-        end = max(self.first_step + 1, round(self.settle * total_steps))
+        end = self._end(total_steps)
         progress = min(1.0, (step - self.first_step) / (end - self.first_step))
         first = max(self.first_share, self.final_share)
         # a cosine from the first share to the final one: the mass goes slowly at first, while
@@ -114,11 +140,20 @@ class AutoLambda:
         cosine = (1 + math.cos(math.pi * progress)) / 2
         return self.final_share + (first - self.final_share) * cosine
 
-    def update(self, share: float, step: int, total_steps: int, replanned: bool = False) -> float:
+    def update(
+        self,
+        share: float,
+        step: int,
+        total_steps: int,
+        replanned: bool = False,
+        step_size: float | None = None,
+    ) -> float:
         """Take the planned channels' current share of the mass; return lambda for this step.
 
         The first call fixes the start of the schedule; it, and a call right after a new plan
-        (``replanned``: the share jumps with the set), only take the share in.
+        (``replanned``: the share jumps with the set), only take the share in. ``step_size``
+        (see :func:`sgd_step_size`; ``None``: no band) is how far the optimizer moves a
+        parameter per unit of steady gradient in this step; it sets lambda's band.
         """
         if self.first_step is None:
             self.first_step, self.first_share = step, share
@@ -136,15 +171,24 @@ class AutoLambda:
                 self.lambda_ /= (1 + self.rate) ** 3
             else:
                 self.lambda_ /= 1 + self.rate
+        pace = self._pace(total_steps)
+        if step_size is not None and step_size > 0 and pace > 0:
+            self.lambda_ = min(self.lambda_, self.max_speed * pace / step_size)
+            if step < self._end(total_steps):  # while the schedule runs: no collapse
+                self.lambda_ = max(self.lambda_, self.min_speed * pace / step_size)
         self.last = (step, share)
         return self.lambda_
 
     def _pace(self, total_steps: int) -> float:
         """The schedule's mean fall per step, from the first share to ``final_share``."""
         assert self.first_step is not None and self.first_share is not None
-        end = max(self.first_step + 1, round(self.settle * total_steps))
         first = max(self.first_share, self.final_share)
-        return math.log(first / self.final_share) / (end - self.first_step)
+        return math.log(first / self.final_share) / (self._end(total_steps) - self.first_step)
+
+    def _end(self, total_steps: int) -> int:
+        """The step by which the share should reach ``final_share``."""
+        assert self.first_step is not None
+        return max(self.first_step + 1, round(self.settle * total_steps))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -197,10 +241,13 @@ class PlannedDecay:
         step: int,
         total_steps: int,
         broadcast: Callable[[Any], Any] = lambda plan: plan,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         """Before optimizer step ``step`` of ``total_steps``: plan when due (tracing
         ``example()``; ``broadcast`` makes every process keep the same plan), measure the share
-        and update lambda. Once per step; a second call in the same step does nothing."""
+        and update lambda (in a band set by ``optimizer``'s step size, see
+        :func:`sgd_step_size`).
+        Once per step; a second call in the same step does nothing."""
         if self._stepped_at == step:
             return
         self._stepped_at = step
@@ -217,7 +264,8 @@ class PlannedDecay:
         if self._penalised is None:
             self._penalised = _planned_scale_factors(model, self.plan)
         self.share = masked_share(*self._penalised)
-        self.auto.update(self.share, step, total_steps, replanned)
+        size = None if optimizer is None else sgd_step_size(optimizer, self._penalised[0])
+        self.auto.update(self.share, step, total_steps, replanned, size)
 
     def add_to_gradients_(self, among: set[int], scale: float = 1.0) -> None:
         """``grad += scale * lambda * gamma`` on the planned channels of the scale factors whose
@@ -246,6 +294,21 @@ class PlannedDecay:
         self.amount = state.get("amount")
         self.plans = state.get("plans", 0)
         self._penalised = None
+
+
+def sgd_step_size(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> float | None:
+    """How far SGD moves a parameter per unit of a steady gradient in one step, once momentum
+    has built up: ``lr * (1 - dampening) / (1 - momentum)``, the largest over the groups that
+    hold any of ``params``. ``None`` for other optimizers (their steps are normalised)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    ids = {id(p) for p in params}
+    sizes = [
+        float(group["lr"]) * (1 - group["dampening"]) / (1 - group["momentum"])
+        for group in optimizer.param_groups
+        if group["momentum"] < 1 and any(id(p) in ids for p in group["params"])
+    ]
+    return max(sizes, default=None)
 
 
 def _planned_scale_factors(

@@ -253,7 +253,7 @@ class NAMCallback(Callback):
             scale = float(scaler.get_scale())
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if self._decay is not None:
-            self._decay_step(trainer, pl_module)
+            self._decay_step(trainer, pl_module, optimizer)
             self._decay.add_to_gradients_(stepped, scale)
             return
         if self.lambda_ == 0:
@@ -261,7 +261,12 @@ class NAMCallback(Callback):
         params = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
         add_l1_subgradient_(params, self.lambda_ * scale)
 
-    def _decay_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _decay_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
         """Plan, measure and set lambda (once per optimizer step; see PlannedDecay)."""
         assert self._decay is not None
         total = trainer.estimated_stepping_batches
@@ -276,6 +281,7 @@ class NAMCallback(Callback):
             trainer.global_step,
             int(total),
             broadcast=lambda plan: trainer.strategy.broadcast(plan, src=0),
+            optimizer=optimizer,
         )
         self.lambda_ = self._decay.auto.lambda_
 

@@ -9,7 +9,7 @@ import torch
 from lightning_helpers import tiny_resnet
 
 from nam_lightning import AutoLambda, PruneConfig, inject_nam, prune_channels
-from nam_lightning.autolambda import PlannedDecay
+from nam_lightning.autolambda import PlannedDecay, sgd_step_size
 from nam_lightning.sparsity import add_masked_decay_, masked_share
 
 TOTAL = 400
@@ -35,27 +35,70 @@ def test_lambda_moves_by_the_rate_towards_the_schedule() -> None:
     assert auto.update(0.0, 12, TOTAL) == pytest.approx(1.1e-3 / 1.1**3)
 
 
-def toy_training(auto: AutoLambda) -> tuple[list[float], list[float]]:
+def toy_training(
+    auto: AutoLambda, step_size: float | None = None
+) -> tuple[list[float], list[float]]:
     """A stand-in for the planned channels' mass: the decay shrinks it by a factor
-    1 - 2 * lambda per step, the loss pulls it back towards its starting value; the share is
-    mass / (mass + 1)."""
+    1 - 2 * lambda per step (a step size of 2), the loss pulls it back towards its starting
+    value; the share is mass / (mass + 1)."""
     mass, shares, lambdas = 1.0, [], []
     for step in range(TOTAL):
         if step < round(auto.warmup * TOTAL):
             continue
         share = mass / (mass + 1.0)
-        lam = auto.update(share, step, TOTAL)
+        lam = auto.update(share, step, TOTAL, step_size=step_size)
         mass = max(0.0, mass * (1.0 - 2.0 * lam) + 0.01 * (1.0 - mass) * share)
         shares.append(share)
         lambdas.append(lam)
     return shares, lambdas
 
 
+@pytest.mark.parametrize("step_size", [None, 2.0])  # without and with the band
 @pytest.mark.parametrize("start", [1e-5, 1e-3, 1e-1])  # 100x too small, default, 100x too large
-def test_a_start_100x_off_still_reaches_the_final_share(start: float) -> None:
+def test_a_start_100x_off_still_reaches_the_final_share(
+    start: float, step_size: float | None
+) -> None:
     auto = AutoLambda(start=start)
-    shares, _ = toy_training(auto)
+    shares, _ = toy_training(auto, step_size)
     assert max(shares[-TOTAL // 20 :]) <= 2 * auto.final_share  # when pruning comes
+
+
+def test_under_sgd_lambda_stays_in_the_band_its_step_size_sets() -> None:
+    # first share 0.4 at step 40, settle at 280: mean pace ln(0.4 / 1e-3) / 240 per step
+    pace = math.log(0.4 / 1e-3) / (280 - 40)
+    size = 0.1 / (1 - 0.9)  # lr 0.1, momentum 0.9
+    big = AutoLambda(start=1.0, warmup=0.1, settle=0.7)
+    assert big.update(0.4, 40, TOTAL, step_size=size) == pytest.approx(2.0 * pace / size)
+    small = AutoLambda(start=1e-6, warmup=0.1, settle=0.7)
+    assert small.update(0.4, 40, TOTAL, step_size=size) == pytest.approx(0.1 * pace / size)
+    # the floor holds while the schedule runs: a share far ahead of it does not sink lambda
+    for step in range(41, 60):
+        assert small.update(0.01, step, TOTAL, step_size=size) == pytest.approx(0.1 * pace / size)
+    # after `settle` only the cap is left: a share fallen below the final one lowers lambda
+    after = small.update(1e-4, 300, TOTAL, step_size=size)
+    assert after == pytest.approx(0.1 * pace / size / 1.05**3)
+    # no step size (not SGD): no band, the start is kept
+    assert AutoLambda(start=1.0).update(0.4, 40, TOTAL) == 1.0
+
+
+def test_sgd_step_size_is_the_steady_state_step_of_a_unit_gradient() -> None:
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    sgd = torch.optim.SGD(
+        [{"params": [a], "lr": 0.1, "momentum": 0.9}, {"params": [b], "lr": 0.5}],
+        lr=0.1,
+        dampening=0.0,
+    )
+    assert sgd_step_size(sgd, [a]) == pytest.approx(1.0)
+    assert sgd_step_size(sgd, [a, b]) == pytest.approx(1.0)  # the largest of the groups
+    assert sgd_step_size(sgd, [b]) == pytest.approx(0.5)  # no momentum
+    assert sgd_step_size(sgd, [c]) is None  # not in this optimizer
+    # measured: a constant gradient 1 with momentum 0.9 moves `a` by 1.0 per step at last
+    a.grad = torch.ones(2)
+    for _ in range(300):
+        before = a.detach().clone()
+        sgd.step()
+    torch.testing.assert_close(before - a.detach(), torch.full((2,), 1.0))
+    assert sgd_step_size(torch.optim.Adam([a]), [a]) is None
 
 
 def test_state_dict_resumes_exactly() -> None:
@@ -86,6 +129,8 @@ def test_plans_start_after_the_warmup_and_repeat() -> None:
         ({"warmup": 1.5}, ValueError, "`warmup`"),
         ({"final_share": "x"}, TypeError, "`final_share`"),
         ({"warmup": 0.8, "settle": 0.7}, ValueError, "`warmup`"),
+        ({"max_speed": 0.0}, ValueError, "`max_speed`"),
+        ({"min_speed": 3.0, "max_speed": 2.0}, ValueError, "`min_speed`"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict, error: type, match: str) -> None:
