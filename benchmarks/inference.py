@@ -22,26 +22,23 @@ without NAM, in each form.
 ``torch.compile(fullgraph=True)``. ``--onnx`` exports the model without NAM, the folded and
 the pruned model with ``torch.onnx.export(..., dynamo=True)``, as the run directory's
 ``model.onnx`` is written, and times them under onnxruntime (CPU, ``--threads`` intra-op
-threads, its default graph optimisations), each output checked against PyTorch's (1e-4). The
-folded model is exported in two forms:
-
-- ``NAM folded``: ``fold_nam``'s model as it is. Each site's formula becomes eight ONNX
-  operators (Mul, Add, Pow for the exp2, Div) that onnxruntime runs as one pass each, with
-  layout reorders around them: its convolutions run in a blocked layout (NCHWc), Pow and Div
-  do not.
-- ``NAM for ONNX``: each site as :class:`OnnxNAM` writes it, ``x = bn(z)`` and
-  ``x * sigmoid(a * x + b)`` with NAM's per-channel ``a, b`` as a depthwise 1x1 convolution.
-  onnxruntime folds the BatchNorm into the convolution before it and the Sigmoid into the
-  depthwise one: a site costs that convolution and one Mul, all in the blocked layout. The
-  residual Add and ReLU after it, which in the model without NAM fuse into the block's last
-  convolution, cost a pass each in the 12 blocks without a downsampling convolution (in the
-  other 4 they fuse into that one). onnxruntime's CPU kernels fuse no chain of elementwise
-  operators, and no ONNX operator computes ``x * sigmoid(a * x + b)`` per channel, so these
-  passes stay.
+threads, its default graph optimisations), each output checked against PyTorch's (1e-4).
+Exported, a folded site is a BatchNormalization, a depthwise 1x1 convolution for the gate's
+logit, a Sigmoid and a Mul (``FoldedNAM._exported_gate``): onnxruntime folds the
+BatchNormalization into the convolution before it and the Sigmoid into the depthwise one, so
+a site costs that convolution and one Mul, in its blocked layout (NCHWc). The residual Add and
+ReLU after it, which in the model without NAM fuse into the block's last convolution, cost a
+pass each in the 12 blocks without a downsampling convolution (in the other 4 they fuse into
+that one). onnxruntime's CPU kernels fuse no chain of elementwise operators, and no ONNX
+operator computes ``x * sigmoid(a * x + b)`` per channel, so these passes stay.
 
 Last, the folded sites are timed alone on the inputs they get in the model, against the
 BatchNorms they replace in the model without NAM (``bn3`` of each block), in turns: what the
-sites add.
+sites add. With ``--compile``, also each site's compiled pass with the residual add and ReLU
+after it (what Inductor fuses) against the same pass without the sigmoid (the model without
+NAM's BatchNorm, add and ReLU), on the same inputs: the memory traffic is the same, so the
+difference is the gate's arithmetic (a multiply-add, an exp2, an add and a division per
+element), which an exact sigmoid cannot avoid.
 
 Eager CPU latency depends on the memory allocator as much as on the arithmetic: glibc hands
 large freed blocks back to the operating system, and the fresh pages of the next allocation
@@ -67,14 +64,20 @@ from pathlib import Path
 
 import torch
 import torchvision
-from common import image_parser, module_inputs, paired_medians, parse_args, timed_forward
+from common import (
+    image_parser,
+    module_inputs,
+    paired_medians,
+    parse_args,
+    take_turns,
+    timed_forward,
+)
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from train_step import StraightforwardNAM, add_straightforward_nam
 
 from nam_lightning import NAMSite, inject_nam, prune_channels
 from nam_lightning.fold import FoldedNAM, fold_nam
-from nam_lightning.functional import bn_state, eval_nam_constants
 from nam_lightning.pipeline import export_onnx
 
 TARGET = 1.03  # folded latency / latency without NAM
@@ -96,6 +99,42 @@ def site_times(
     return total[0], total[1]
 
 
+def _site_pass(z: torch.Tensor, constants: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A folded site's pass, BatchNorm included, with the residual add and ReLU after it, as
+    Inductor fuses them: ``relu((A * z + B) * sigmoid(p * z + q) + r)``, the sigmoid written as
+    ``fold_nam``'s kernel does (``constants``: rows A, B, -log2(e) p, -log2(e) q)."""
+    scale, shift, gate_scale, gate_shift = constants
+    return torch.relu((scale * z + shift) / (1 + torch.exp2(gate_scale * z + gate_shift)) + r)
+
+
+def _affine_pass(z: torch.Tensor, constants: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The pass of the model without NAM at the same place: BatchNorm, add, ReLU."""
+    scale, shift = constants[0], constants[1]
+    return torch.relu(scale * z + shift + r)
+
+
+def sigmoid_cost(folded: nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Seconds of the compiled sites' passes (with the residual add and ReLU) and of the same
+    passes without the gate (the model without NAM's), on the sites' inputs in the model,
+    summed over the sites, in turns: what the gate's arithmetic costs once compiled."""
+    gen = torch.Generator().manual_seed(0)
+    args = [
+        (z, torch.randn(4, 1, z.shape[1], 1, 1, generator=gen), torch.randn_like(z))
+        for _, z in module_inputs(folded, x, FoldedNAM).values()
+    ]
+    passes = {"site": torch.compile(_site_pass), "affine": torch.compile(_affine_pass)}
+
+    def over_sites(name: str) -> Callable[[], None]:
+        def run() -> None:
+            for a in args:
+                passes[name](*a)
+
+        return run
+
+    times = take_turns({name: over_sites(name) for name in passes}, repeats, warmup=1)
+    return statistics.median(times["site"]), statistics.median(times["affine"])
+
+
 @torch.no_grad()
 def randomise_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
     """Random gamma (both signs), beta and running statistics for every BatchNorm."""
@@ -108,49 +147,6 @@ def randomise_batchnorms(model: nn.Module, generator: torch.Generator) -> None:
             m.bias.copy_(torch.empty(n).uniform_(-0.25, 0.25, generator=generator))
             m.running_mean.copy_(torch.randn(n, generator=generator) * 0.25)
             m.running_var.copy_(torch.empty(n).uniform_(0.5, 2.0, generator=generator))
-
-
-class OnnxNAM(nn.Module):
-    """An eval-mode NAM site written for onnxruntime: ``x = bn(z)``, then NAM's channel gate
-    ``x * sigmoid(a * x + b)`` with ``a = w * A``, ``b = w * B`` per channel (``w`` NAM's
-    weights, ``A * x + B`` its BatchNorm in eval mode), the logit ``a * x + b`` as a depthwise
-    1x1 convolution.
-
-    Exported, the BatchNorm becomes a BatchNormalization that onnxruntime folds into the
-    convolution before it, and the Sigmoid one that it fuses into the depthwise convolution,
-    which its blocked-layout kernels run: one pass for the gate, one for the Mul. The same
-    maths as ``fold_nam``'s site (the gate is taken from the BatchNorm's output ``x`` instead of
-    its input ``z``), so outputs agree to float rounding.
-    """
-
-    def __init__(self, site: NAMSite) -> None:
-        super().__init__()
-        if not isinstance(site.module, nn.BatchNorm2d) or site.nam.spatial is not None:
-            raise ValueError("OnnxNAM takes a site on a BatchNorm2d, channel attention only")
-        self.bn = copy.deepcopy(site.module)
-        channel = site.nam.channel
-        bn = channel.bn
-        with torch.no_grad():  # in float64, rounded once, as fold_nam works out its constants
-            state = [t.double() if isinstance(t, torch.Tensor) else t for t in bn_state(bn)]
-            scale, shift = eval_nam_constants(channel.pruned_mass.double(), *state)
-            c = scale.numel()
-            self.gate = nn.Conv2d(c, c, kernel_size=1, groups=c)
-            self.gate.weight.copy_(scale.view(c, 1, 1, 1))
-            assert self.gate.bias is not None
-            self.gate.bias.copy_(shift)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (N, C, H, W)
-        x = self.bn(z)
-        return x * torch.sigmoid(self.gate(x))
-
-
-def onnx_form(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` (NAM injected, eval mode) with every site as an :class:`OnnxNAM`."""
-    result = copy.deepcopy(model)
-    for name, site in [(n, m) for n, m in result.named_modules() if isinstance(m, NAMSite)]:
-        parent, _, attr = name.rpartition(".")
-        setattr(result.get_submodule(parent), attr, OnnxNAM(site).eval())
-    return result
 
 
 class OnnxRuntimeModel:
@@ -238,8 +234,7 @@ def main() -> None:
             exported = {
                 "no NAM": plain,
                 "NAM folded": folded,
-                "NAM for ONNX": onnx_form(nam),
-                "NAM for ONNX, pruned": onnx_form(pruned),
+                "NAM folded, pruned": pruned_folded,
             }
             for i, (key, model) in enumerate(exported.items()):
                 start = time.perf_counter()
@@ -281,7 +276,7 @@ def main() -> None:
     effect = (reference - outputs["no NAM"]).abs().max().item()
     print(f"outputs up to {scale:.3g}; max |NAM - no NAM| = {effect:.3g}")
     for key in models:
-        if key == "NAM" or key.startswith(("NAM folded", "NAM for ONNX")):
+        if key == "NAM" or key.startswith("NAM folded"):
             want, name = (reference, "NAM, straightforward")
             if "pruned" in key:
                 want, name = pruned_reference, "NAM pruned"
@@ -308,12 +303,7 @@ def main() -> None:
             f"{statistics.median(faults[key]):>12.0f}"
         )
     print()
-    for key in (
-        "NAM folded",
-        "NAM folded, compiled",
-        "NAM folded, onnxruntime",
-        "NAM for ONNX, onnxruntime",
-    ):
+    for key in ("NAM folded", "NAM folded, compiled", "NAM folded, onnxruntime"):
         if key in median:
             ratio = median[key] / median[base_of[key]]
             verdict = "met" if max(ratio, paired[key]) <= TARGET else "NOT met"
@@ -323,12 +313,22 @@ def main() -> None:
             )
     with torch.inference_mode():
         sites_s, bns_s = site_times(plain, folded, x, args.repeats)
+        if args.compile:
+            gate_s, affine_s = sigmoid_cost(folded, x, args.repeats)
     print(
         f"\nthe {folded_count} folded sites, each alone on its input in the model: "
         f"{sites_s * 1e3:.1f} ms; the {folded_count} BatchNorms they replace (no NAM): "
         f"{bns_s * 1e3:.1f} ms; a forward pass of the folded model: "
         f"{median['NAM folded'] * 1e3:.0f} ms"
     )
+    if args.compile:
+        extra = gate_s - affine_s
+        print(
+            f"compiled, the 16 sites' passes with the residual add and ReLU: {gate_s * 1e3:.1f} "
+            f"ms; the same passes without the gate (as without NAM): {affine_s * 1e3:.1f} ms; "
+            f"the gate's arithmetic: {extra * 1e3:.1f} ms = "
+            f"{extra / median['no NAM, compiled']:.1%} of the compiled model without NAM"
+        )
 
 
 def base_key(key: str) -> str:

@@ -109,9 +109,11 @@ class FoldedNAM(nn.Module):
                 "its scale factors belong to positions, so the input resolution must stay the "
                 "one NAM was built with."
             )
+        if torch.compiler.is_exporting():
+            y = self._exported_gate(x)
         # the (C,) buffers go to the kernel as they are: reshaping them there costs nothing,
         # here it costs a few eager operator calls per site
-        if self.bn_scale is not None and self.bn_shift is not None:
+        elif self.bn_scale is not None and self.bn_shift is not None:
             y = bn_gate_kernel(x, self.gate_scale, self.gate_shift, self.bn_scale, self.bn_shift)
         else:
             y = gate_kernel(x, self.gate_scale, self.gate_shift)
@@ -121,6 +123,37 @@ class FoldedNAM(nn.Module):
             )
             y = y * pixel_gate.sigmoid()
         return y
+
+    def _exported_gate(self, z: torch.Tensor) -> torch.Tensor:
+        """The channel part as ``torch.export`` (and so the ONNX exporter) records it: the
+        folded BatchNorm as a batch norm, ``x = bn_scale * z + bn_shift``, and the gate's logit
+        as a depthwise 1x1 convolution of ``x``, then ``x * sigmoid(logit)``.
+
+        Written so, an inference runtime fuses the batch norm into the convolution before the
+        site and the sigmoid into the depthwise one (onnxruntime does; see
+        ``benchmarks/inference.py``); the kernel's formula exports as separate elementwise
+        operators, one pass each. The same function of ``z`` up to float rounding: the logit
+        ``p * z + q`` is ``(p / bn_scale) * x + q - (p / bn_scale) * bn_shift``; where
+        ``bn_scale`` is 0, ``p`` is 0 too (``p = a * bn_scale``) and the logit is ``q``.
+        """
+        channels = self.gate_scale.numel()
+        x, slope, offset = z, self.gate_scale, self.gate_shift
+        if self.bn_scale is not None and self.bn_shift is not None:
+            x = nn.functional.batch_norm(
+                z,
+                torch.zeros_like(self.bn_shift),
+                torch.ones_like(self.bn_scale),
+                self.bn_scale,
+                self.bn_shift,
+                training=False,
+                eps=0.0,
+            )
+            kept = self.bn_scale != 0
+            slope = torch.where(kept, slope / torch.where(kept, self.bn_scale, 1), 0)
+            offset = offset - slope * self.bn_shift
+        weight = slope.to(x.dtype).view(channels, 1, 1, 1)
+        logit = nn.functional.conv2d(x, weight, offset.to(x.dtype), groups=channels)
+        return x * torch.sigmoid(logit)
 
     def extra_repr(self) -> str:
         text = f"channels={self.gate_scale.numel()}, bn_folded={self.bn_scale is not None}"

@@ -23,8 +23,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from .attention import NAMSite
 from .callback import NAMCallback
 from .checkpoint import load_checkpoint
+from .fold import fold_nam
 from .models import ImageClassifier
 from .report import PruneReport, count_flops, count_params, measure_latencies
 from .sparsity import scale_factors
@@ -268,8 +270,12 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def _export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
-    """ONNX (checked against PyTorch with onnxruntime when installed), else ``torch.export``."""
-    model = model.cpu().eval()
+    """ONNX (checked against PyTorch with onnxruntime when installed), else ``torch.export``;
+    NAM folded (:func:`~nam_lightning.fold_nam`), the form a runtime fuses."""
+    reference = model.cpu().eval()
+    model = copy.deepcopy(reference)
+    if any(isinstance(m, NAMSite) for m in model.modules()):
+        fold_nam(model)
     example = batch[:2]
     path = run_dir / "model.onnx"
     try:
@@ -287,7 +293,7 @@ def _export_model(model: nn.Module, batch: torch.Tensor, run_dir: Path) -> str:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"images": batch.numpy()})
     with torch.no_grad():
-        want = model(batch)
+        want = reference(batch)
     torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-4)
     return "model.onnx (outputs match PyTorch under onnxruntime)"
 

@@ -422,6 +422,35 @@ def test_folded_model_exports_and_runs_in_onnxruntime(tmp_path):
     torch.testing.assert_close(torch.from_numpy(out), expected, rtol=0, atol=1e-5)
 
 
+@torch.no_grad()
+def test_an_exported_folded_site_is_a_batch_norm_a_depthwise_gate_and_a_product():
+    # what runtimes fuse (the batch norm into the convolution before it, the sigmoid into the
+    # depthwise convolution), with a channel whose folded BatchNorm scale is 0 among them
+    channels = 5
+    gen = torch.Generator().manual_seed(0)
+    gate_scale, gate_shift, bn_shift = (torch.randn(channels, generator=gen) for _ in range(3))
+    bn_scale = torch.randn(channels, generator=gen)
+    bn_scale[1], gate_scale[1] = 0.0, 0.0  # gate_scale = a * bn_scale
+    x = torch.randn(2, channels, 4, 3, generator=gen)
+    for site in (
+        FoldedNAM(gate_scale, gate_shift, bn_scale=bn_scale, bn_shift=bn_shift),
+        FoldedNAM(gate_scale, gate_shift),
+    ):
+        bn = site.bn_scale if site.bn_scale is not None else torch.ones(channels)
+        shift = site.bn_shift if site.bn_shift is not None else torch.zeros(channels)
+        view = (1, channels, 1, 1)
+        expected = (bn.view(view) * x + shift.view(view)) * torch.sigmoid(
+            gate_scale.view(view) * x + gate_shift.view(view)
+        )
+        program = torch.export.export(site, (x,))
+        torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-6)
+        ops = {n.target for n in program.graph.nodes if n.op == "call_function"}
+        assert torch.ops.aten.conv2d.default in ops and torch.ops.aten.sigmoid.default in ops
+        assert (torch.ops.aten.batch_norm.default in ops) == (site.bn_scale is not None)
+        assert torch.ops.aten.exp2.default not in ops  # not the kernel's formula
+        torch.testing.assert_close(site(x), expected, rtol=0, atol=1e-6)  # eager: the kernel
+
+
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
     reason="torch.compile on the CPU needs a C++ compiler",
