@@ -25,6 +25,7 @@ Run from the repository root::
 
     python benchmarks/train_step.py [--model resnet50|cifar_resnet18|small_resnet|all]
                                     [--reps 10] [--warmup 2] [--threads 2] [--quick]
+                                    [--profile]
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def train_step(
     v.last_loss = loss.item()
 
 
-def bench_model(name: str, reps: int, warmup: int) -> dict[str, Variant]:
+def bench_model(name: str, reps: int, warmup: int, profile: bool = False) -> dict[str, Variant]:
     builder, batch, size, classes = MODELS[name]
     torch.manual_seed(0)
     base = builder().train()
@@ -208,7 +209,34 @@ def bench_model(name: str, reps: int, warmup: int) -> dict[str, Variant]:
             raise RuntimeError(f"{name} {key}: the loss became {v.last_loss}")
 
     print_table(name, batch, size, variants)
+    if profile:
+        print_profiles(name, variants, x, y, callback, trainer, reps)
     return variants
+
+
+def print_profiles(
+    name: str,
+    variants: dict[str, Variant],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    callback: NAMCallback,
+    trainer: object,
+    steps: int,
+) -> None:
+    """PyTorch's profiler over ``steps`` more training steps of each variant: the operators
+    that take the most CPU time, their calls and the total, to see where a variant's extra
+    time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for key, v in variants.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                train_step(v, x, y, callback, trainer)
+        events = prof.key_averages()
+        total_us = sum(e.self_cpu_time_total for e in events)
+        print(f"\n-- {name}, {key}: {steps} steps, self CPU time {total_us / 1e3:.1f} ms --")
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:8]:
+            print(f"{e.key:<40} {e.count:>6} calls {e.self_cpu_time_total / 1e3:>9.1f} ms")
 
 
 def paired_ratio(v: Variant, base: Variant) -> float:
@@ -347,6 +375,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per variant (2)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--quick", action="store_true", help="smoke check: 3 repetitions")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then profile --reps more steps of each variant (PyTorch's profiler, top operators)",
+    )
     args = parse_args(parser, positive=("reps", "threads"))
     if args.quick:
         args.reps = 3
@@ -372,7 +405,7 @@ def main() -> None:
             "compete for the cores, so the step times (even the ratios) are unreliable."
         )
     names = list(MODELS) if args.model == "all" else [args.model]
-    results = {name: bench_model(name, args.reps, args.warmup) for name in names}
+    results = {name: bench_model(name, args.reps, args.warmup, args.profile) for name in names}
     print(f"\nload average at end: {load()}")
     if "resnet50" in results:
         verdicts(results["resnet50"], busy)
