@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,14 +22,17 @@ from lightning_helpers import (
     tensors,
     trainer_kwargs,
 )
+from torch import nn
 
 from nam_lightning import (
+    NAM,
     AutoLambda,
     NAMCallback,
     NAMChannelAttention,
     NAMSite,
     PruneConfig,
     load_checkpoint,
+    scale_factors,
 )
 
 
@@ -253,6 +257,38 @@ def test_prune_at_end_of_fit_then_finetune(example_array: bool) -> None:
         after = tensors(model)
         assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
         assert not torch.equal(after["net.7.weight"], before["net.7.weight"])
+
+
+def test_the_penalised_scale_factors_follow_the_optimizer_and_the_module() -> None:
+    """The callback keeps the list of penalised scale factors between steps: parameters
+    replaced as pruning replaces them, with an optimizer over the new ones, or another module,
+    and the list is found again."""
+    callback = NAMCallback(0.5)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace())  # no GradScaler
+
+    def penalised(model: nn.Module) -> dict[int, torch.Tensor]:
+        """The gradients the penalty alone gives, by parameter id (zero ones left out)."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        callback.on_before_optimizer_step(trainer, model, optimizer)  # type: ignore[arg-type]
+        grads = {id(p): p.grad for p in model.parameters()}
+        return {k: g for k, g in grads.items() if g is not None and g.any()}
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), NAM(4))
+    for _ in range(2):  # a new optimizer over the same parameters: the same list
+        assert set(penalised(model)) == {id(p) for p in scale_factors(model)} != set()
+    model[1].weight = nn.Parameter(torch.tensor([-2.0, 0.0, 3.0, -1.0]))  # as pruning does
+    grads = penalised(model)
+    assert set(grads) == {id(p) for p in scale_factors(model)}
+    assert torch.equal(grads[id(model[1].weight)], torch.tensor([-0.5, 0.0, 0.5, -0.5]))
+    other = nn.Sequential(nn.BatchNorm2d(2))
+    assert set(penalised(other)) == {id(other[0].weight)}
+    # the same parameters seen through another module: NAM's BatchNorm, alone, is no NAM
+    callback = NAMCallback(0.5, targets="nam")
+    nam = NAM(3)
+    assert set(penalised(nam)) == {id(nam.channel.bn.weight)}
+    assert penalised(nam.channel.bn) == {}
 
 
 @pytest.mark.parametrize(
