@@ -87,7 +87,7 @@ class NAMChannelAttention(nn.Module):
         if path is Path.ALONE:
             y = functional.nam_channel_gate(x, self.bn, self.weights())
         elif path is Path.SMALL:
-            y = functional.small_map_gate(x, self.bn, self.weights())
+            y = functional.scaled_bn_gate(x, self.bn, self.weights())
         elif path is Path.EVAL_ALONE:
             y = functional.eval_channel_gate(x, self.bn, self.pruned_mass)
         else:
@@ -247,7 +247,7 @@ class NAMSite(nn.Module):
         if path is Path.FUSED:
             y = functional.bn_nam_channel_gate(x, self.module, channel.bn, channel.weights())
         elif path is Path.SMALL:
-            y = functional.small_map_gate(x, channel.bn, channel.weights(), self.module)
+            y = functional.scaled_bn_gate(self.module(x), channel.bn, channel.weights())
         elif path is Path.EVAL_FUSED:
             y = functional.eval_bn_channel_gate(x, self.module, channel.bn, channel.pruned_mass)
         else:

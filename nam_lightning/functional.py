@@ -23,7 +23,7 @@ reach ``gamma``, ``beta`` and, through the batch statistics, ``z`` exactly as in
 formula, and a site makes four compiled calls and few small eager operators. Running
 statistics are updated as ``nn.BatchNorm2d`` does. On a small feature map the compiled calls'
 fixed cost exceeds what they save, and a training step runs PyTorch's operators instead
-(:func:`small_map_gate`; :func:`nam_lightning.kernels.choose_path` decides).
+(:func:`scaled_bn_gate`; :func:`nam_lightning.kernels.choose_path` decides).
 
 In eval mode under no gradient (validation, inference) the BatchNorms are affine maps of their
 running statistics, and a site is one pass computing ``x * sigmoid(a * x + b)`` (see the eval
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Kernel, short_planes
+from .kernels import Kernel
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -296,36 +296,6 @@ def bn_nam_channel_gate(
     _update_running_stats(bn, mean, var, count)
     _update_running_stats(nam_bn, _view(bn.bias.detach()), var_x, count)  # NAM's mean: beta1
     return y
-
-
-def small_map_gate(
-    x: torch.Tensor, nam_bn: nn.Module, w: torch.Tensor, bn: nn.Module | None = None
-) -> torch.Tensor:
-    """NAM's training step on a small map in PyTorch's operators (:func:`scaled_bn_gate`),
-    after the site's BatchNorm ``bn`` where one is given. A contiguous map with short planes
-    (:func:`nam_lightning.kernels.short_planes`) is computed in the channels-last layout, where
-    PyTorch's CPU BatchNorm is faster, and returned contiguous."""
-    short = short_planes(x) and x.is_contiguous()
-    if short:
-        x = _Layout.apply(x, torch.channels_last, torch.contiguous_format)
-    y = scaled_bn_gate(x if bn is None else bn(x), nam_bn, w)
-    return _Layout.apply(y, torch.contiguous_format, torch.channels_last) if short else y
-
-
-class _Layout(torch.autograd.Function):
-    """``x`` in memory layout ``to``, its gradient in layout ``back`` (``Tensor.contiguous``
-    passes a gradient on in whatever layout it arrives)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, x: torch.Tensor, to: torch.memory_format, back: torch.memory_format
-    ) -> torch.Tensor:
-        ctx.back = back
-        return x.contiguous(memory_format=to)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        return dy.contiguous(memory_format=ctx.back), None, None
 
 
 def scaled_bn_gate(x: torch.Tensor, bn: nn.Module, w: torch.Tensor) -> torch.Tensor:

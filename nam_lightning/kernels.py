@@ -155,20 +155,6 @@ class Path(enum.Enum):
 # backward are small. docs/performance.md has the measurements.
 SMALL_MAP = 2**17
 
-# On a small map whose planes hold at most this many pixels (more than one), a training step runs
-# in the channels-last layout on a CPU: PyTorch's CPU BatchNorm walks a contiguous map one short
-# plane at a time, and on planes this small the channels-last kernel's pass over the channels is
-# much faster (a whole site's step at (64, 128, 2, 2): 0.6x the time, at (64, 128, 3, 3): 0.7x to
-# 0.9x); at 4 x 4 pixels the two take about the same time, and on larger planes the contiguous
-# kernel wins. `python benchmarks/short_planes.py`; docs/performance.md has the measurements.
-SHORT_PLANE = 9
-
-
-def short_planes(x: torch.Tensor) -> bool:
-    """A CPU map whose planes hold more than one and at most :data:`SHORT_PLANE` pixels."""
-    return x.device.type == "cpu" and 1 < x.shape[2] * x.shape[3] <= SHORT_PLANE
-
-
 # Under torch.compile(model) the training function is traced into the model's graph. torch
 # 2.14 traces it exactly (tests/test_functional.py); Dynamo of torch 2.11 mis-wires its saved
 # tensors (a fused site's gradients come out wrong, NAM alone fails to trace). Before 2.14 a
