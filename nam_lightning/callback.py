@@ -170,9 +170,8 @@ class NAMCallback(Callback):
         self.pruned_path: Path | None = None
         self._example: Any = None
         self._decay = None if auto is None else PlannedDecay(auto, prune)  # type: ignore[arg-type]
-        # (module, the stepped parameters, their ids, the penalised ones): see _penalised
-        self._penalised_for: tuple[Any, list[torch.Tensor], set[int], list[torch.Tensor]] | None
-        self._penalised_for = None
+        # (module, the stepped parameters, the penalised ones): see _penalised
+        self._penalised_for: tuple[Any, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -254,29 +253,33 @@ class NAMCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        stepped = {id(p) for p in params}
         if self._decay is not None:
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
             self._decay_step(trainer, pl_module, optimizer)
             self._decay.add_to_gradients_(stepped, scale)
             return
         if self.lambda_ == 0:
             return
-        add_l1_subgradient_(self._penalised(pl_module, params, stepped), self.lambda_ * scale)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        add_l1_subgradient_(self._penalised(pl_module, params), self.lambda_ * scale)
 
     def _penalised(
-        self, pl_module: pl.LightningModule, params: list[torch.Tensor], stepped: set[int]
+        self, pl_module: pl.LightningModule, params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        """The targeted scale factors among the stepped parameters ``params`` (ids
-        ``stepped``). Walking the modules costs about 2 us a module, each step: the answer is
-        kept while the same module's optimizer steps the same parameters. Keeping them keeps
-        their ids theirs, so equal ids mean the same tensors; pruning, which replaces them,
-        changes the ids."""
+        """The targeted scale factors among the stepped parameters ``params``. Walking the
+        modules costs about 2 us a module, each step: the answer is kept while the same module's
+        optimizer steps the same tensors (pruning replaces them)."""
         kept = self._penalised_for
-        if kept is None or kept[0] is not pl_module or kept[2] != stepped:
+        if (
+            kept is None
+            or kept[0] is not pl_module
+            or len(kept[1]) != len(params)
+            or any(a is not b for a, b in zip(kept[1], params, strict=True))
+        ):
+            stepped = {id(p) for p in params}
             factors = [p for p in scale_factors(pl_module, self.targets) if id(p) in stepped]
-            kept = self._penalised_for = (pl_module, params, stepped, factors)
-        return kept[3]
+            kept = self._penalised_for = (pl_module, params, factors)
+        return kept[2]
 
     def _decay_step(
         self,
